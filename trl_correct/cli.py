@@ -1,0 +1,33 @@
+"""`trl-correct` console script.
+
+    trl-correct train --config recipes/tiny.yaml [--field value ...]   # the main job, in this process
+    trl-correct build-tiny                                             # build/cache the embedded model, print its dir
+"""
+
+import sys
+
+USAGE = __doc__
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "train":
+        from .train import main as train
+
+        train(rest)
+        return 0
+    if cmd == "build-tiny":
+        from .tiny import tiny_model_dir
+
+        print(tiny_model_dir())
+        return 0
+    print(f"trl-correct: unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

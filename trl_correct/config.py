@@ -1,0 +1,123 @@
+"""CorrectGRPOConfig: TRL's GRPOConfig plus the gate, the correction and the engine-parity settings.
+
+TRL fields that trl-correct drives (use_vllm, vllm_mode, vllm_importance_sampling_mode/clip_max,
+cast_lm_head_to_fp32) are derived from ours; setting them to something that contradicts ours is an error, never a
+silent override. Every error names the field and the fix.
+"""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from trl import GRPOConfig
+
+from .numerics import TIS_MODES
+
+GATE_POLICIES = ("enforce", "warn", "observe")
+LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
+# Mismatch thresholds by the trainer's compute dtype. fp32: CPU engine vs HF measured at ~1e-6 max |Δlogp|, a
+# bf16 engine against an fp32 trainer at 1.1e-3 mean (must fail). bf16: H100 small Qwen2 measured 0.008-0.011 mean,
+# KL 8e-5-2e-4, max 0.18; raw logprobs at T=0.7 gave 0.28 mean and KL 0.086 (must fail).
+DEFAULT_THRESHOLDS = {
+    "float32": dict(mean_abs_logprob_diff=1e-4, max_abs_logprob_diff=2e-3, kl_k3=1e-6),
+    "bfloat16": dict(mean_abs_logprob_diff=0.05, max_abs_logprob_diff=1.5, kl_k3=2e-3),
+    "float16": dict(mean_abs_logprob_diff=0.02, max_abs_logprob_diff=1.0, kl_k3=1e-3),
+}
+_TRL_DEFAULTS = dict(vllm_importance_sampling_mode="sequence_mask", vllm_importance_sampling_clip_max=3.0)
+
+
+@dataclass
+class CorrectGRPOConfig(GRPOConfig):
+    gate: Literal["enforce", "warn", "observe"] = field(default="enforce", metadata={
+        "help": "What a failed correctness gate does. enforce: refuse to train (raise with the report); warn: "
+                "train without correction and say so loudly; observe: log only."})
+    tis_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = field(
+        default="token_truncate", metadata={
+            "help": "Truncated importance sampling applied once the gate passes: token_truncate caps each token's "
+                    "ratio at tis_cap; *_mask zeroes ratios above it; sequence_* use the sequence's ratio."})
+    tis_cap: float = field(default=2.0, metadata={"help": "Upper cap C of the importance ratio (> 1; TIS paper: 2)."})
+    fp32_lm_head: bool = field(default=True, metadata={
+        "help": "Compute the lm_head in float32 on both sides (trainer: cast_lm_head_to_fp32; engine: vLLM "
+                "hf_overrides head_dtype=float32)."})
+    verify_weight_sync: bool = field(default=True, metadata={
+        "help": "After every weight sync, fingerprint the engine's weights against what the trainer sent; a "
+                "difference is a gate failure with cause weight_sync."})
+    logprobs_mode: Literal["processed_logprobs", "raw_logprobs"] = field(default="processed_logprobs", metadata={
+        "help": "Engine logprob semantics. processed_logprobs are after temperature and the sampler's transforms; "
+                "raw_logprobs ignore them and are only allowed at temperature 1."})
+    enable_prefix_caching: bool = field(default=False, metadata={
+        "help": "vLLM prefix caching. Off by default; when on, the cache is reset after every weight sync and "
+                "the probe re-runs to verify no stale KV block is reused."})
+    vllm_dtype: str = field(default="auto", metadata={
+        "help": "Engine dtype. auto: the trainer's compute dtype (vLLM's own 'auto' would downcast fp32 "
+                "checkpoints to bf16). Any other value that differs from the trainer fails the gate (cause dtype)."})
+    max_mean_abs_logprob_diff: float | None = field(default=None, metadata={
+        "help": "Gate threshold on mean |trainer - engine logprob|. None: by compute dtype (fp32 1e-4, bf16 0.05)."})
+    max_max_abs_logprob_diff: float | None = field(default=None, metadata={
+        "help": "Gate threshold on max |trainer - engine logprob|. None: by compute dtype (fp32 2e-3, bf16 1.5)."})
+    max_kl_k3: float | None = field(default=None, metadata={
+        "help": "Gate threshold on the k3 estimate of KL(engine || trainer). None: by compute dtype "
+                "(fp32 1e-6, bf16 2e-3)."})
+    probe_size: int = field(default=8, metadata={"help": "Prompts in the gate's dynamic probe."})
+    probe_tokens: int = field(default=16, metadata={"help": "Tokens the engine samples per probe prompt."})
+    probe_interval: int = field(default=0, metadata={
+        "help": "Re-run the full gate (static checks and probe) every N optimizer steps; 0: before step 0 only "
+                "(and after every sync when prefix caching is on). The real batch is checked every step anyway."})
+    vllm_kv_cache_gib: float = field(default=1.0, metadata={
+        "help": "KV cache size in GiB for vLLM on CPU (VLLM_CPU_KVCACHE_SPACE); ignored on GPU."})
+    use_vllm: bool = field(default=True, metadata={"help": "Always true: trl-correct generates with vLLM."})
+    vllm_mode: str = field(default="colocate", metadata={"help": "Always colocate in trl-correct."})
+
+    def __post_init__(self):
+        def bad(name, fix):
+            raise ValueError(f"{name}={getattr(self, name)!r} is invalid: {fix}")
+
+        if self.gate not in GATE_POLICIES:
+            bad("gate", f"use one of {', '.join(GATE_POLICIES)}")
+        if self.tis_mode not in TIS_MODES:
+            bad("tis_mode", f"use one of {', '.join(TIS_MODES)}")
+        if not self.tis_cap > 1.0:
+            bad("tis_cap", "the cap must be > 1 (at or below 1 it down-weights on-policy tokens); the usual value is 2.0")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            bad("logprobs_mode", f"use one of {', '.join(LOGPROBS_MODES)}")
+        if self.logprobs_mode == "raw_logprobs" and self.temperature != 1.0:
+            bad("logprobs_mode", f"raw_logprobs ignore temperature={self.temperature}; use processed_logprobs")
+        if not self.use_vllm:
+            bad("use_vllm", "trl-correct always generates with vLLM; remove the field")
+        if self.vllm_mode != "colocate":
+            bad("vllm_mode", "trl-correct runs vLLM colocated; set vllm_mode: colocate")
+        if not self.vllm_importance_sampling_correction:
+            bad("vllm_importance_sampling_correction", "trl-correct needs the trainer's logprobs every step and "
+                                                       "lets the gate switch TIS on; keep it true")
+        for trl_name, ours in (("vllm_importance_sampling_mode", "tis_mode"),
+                               ("vllm_importance_sampling_clip_max", "tis_cap")):
+            value = getattr(self, trl_name)
+            if value != _TRL_DEFAULTS[trl_name] and value != getattr(self, ours):
+                bad(trl_name, f"trl-correct sets it from {ours}; set {ours} instead")
+            setattr(self, trl_name, getattr(self, ours))
+        if self.vllm_importance_sampling_clip_min is not None:
+            bad("vllm_importance_sampling_clip_min", "trl-correct caps ratios from above only (tis_cap); remove it")
+        if self.cast_lm_head_to_fp32 and not self.fp32_lm_head:
+            bad("cast_lm_head_to_fp32", "it contradicts fp32_lm_head: false; set fp32_lm_head instead")
+        self.cast_lm_head_to_fp32 = self.fp32_lm_head
+        for name in ("probe_size", "probe_tokens"):
+            if getattr(self, name) < 1:
+                bad(name, "must be >= 1")
+        if self.probe_interval < 0:
+            bad("probe_interval", "must be >= 0 (0: probe before step 0 only)")
+        if self.vllm_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            bad("vllm_dtype", "use auto, float32, bfloat16 or float16")
+        for name in ("max_mean_abs_logprob_diff", "max_max_abs_logprob_diff", "max_kl_k3"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                bad(name, "a threshold must be > 0, or null for the dtype default")
+        super().__post_init__()
+
+    def thresholds(self, compute_dtype: str) -> tuple[dict, str]:
+        """Gate thresholds and where they came from (value with reason)."""
+        base = dict(DEFAULT_THRESHOLDS.get(compute_dtype, DEFAULT_THRESHOLDS["bfloat16"]))
+        user = {"mean_abs_logprob_diff": self.max_mean_abs_logprob_diff,
+                "max_abs_logprob_diff": self.max_max_abs_logprob_diff, "kl_k3": self.max_kl_k3}
+        set_by_user = {k: v for k, v in user.items() if v is not None}
+        base.update(set_by_user)
+        reason = f"defaults for {compute_dtype}" + (f", user set {sorted(set_by_user)}" if set_by_user else "")
+        return base, reason

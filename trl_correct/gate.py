@@ -1,0 +1,179 @@
+"""The correctness gate as data: named checks, each with pass/fail, what was measured and the fix.
+
+Deciding is a pure function of facts and measurements gathered elsewhere (engine.py reports the engine's side,
+trainer.py the trainer's). Nothing here imports vLLM or TRL, so every check is tested on hand-made facts.
+A failed check's `name` is the *cause* reported everywhere (logs, exceptions, correctness_report.json).
+
+Check names: logprobs_mode, dtype, lm_head_dtype, sampler, generation_config, prefix_cache, async_scheduling,
+weight_sync, mismatch.
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+from .numerics import within
+
+SAMPLER_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                  "frequency_penalty")
+NEUTRAL = dict(top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0)
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool
+    detail: str
+    fix: str = ""
+
+
+@dataclass(frozen=True)
+class GateReport:
+    checks: tuple[Check, ...]
+    mismatch: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def causes(self) -> list[str]:
+        return [c.name for c in self.checks if not c.passed]
+
+    def to_dict(self) -> dict:
+        return {"verdict": "pass" if self.passed else "fail", "causes": self.causes,
+                "checks": [asdict(c) for c in self.checks], "mismatch": dict(self.mismatch)}
+
+    def table(self) -> str:
+        width = max(len(c.name) for c in self.checks) if self.checks else 4
+        lines = [f"correctness gate: {'PASS' if self.passed else 'FAIL: ' + ', '.join(self.causes)}"]
+        for c in self.checks:
+            lines.append(f"  {'ok  ' if c.passed else 'FAIL'} {c.name:<{width}}  {c.detail}")
+            if not c.passed and c.fix:
+                lines.append(f"       {'':<{width}}  fix: {c.fix}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+class GateFailure(RuntimeError):
+    """Raised under gate='enforce' when the gate fails; carries the report."""
+
+    def __init__(self, report: GateReport, when: str = "before training"):
+        self.report = report
+        super().__init__(f"trl-correct gate failed {when} (causes: {', '.join(report.causes)})\n{report.table()}")
+
+
+def _norm(name: str, value):
+    """Settings that mean 'off' compare equal: top_k 0/-1/None, min_p None/0."""
+    if value is None:
+        return NEUTRAL.get(name)
+    if name == "top_k" and value < 0:
+        return 0
+    return float(value)
+
+
+def static_checks(trainer: dict, engine: dict) -> list[Check]:
+    """Configuration parity from facts. `trainer` keys: compute_dtype, head_dtype, want_fp32_head, plus the
+    SAMPLER_FIELDS it applies when scoring. `engine` keys: the same plus logprobs_mode, prefix_caching,
+    reset_after_sync, async_scheduling, head_dtype_supported, generation_config (dict of the model's defaults)."""
+    checks = []
+    t_temp = float(engine.get("temperature", 1.0))
+    transforms = [f for f in SAMPLER_FIELDS[1:] if _norm(f, engine.get(f)) != _norm(f, None)]
+    mode = engine["logprobs_mode"]
+    if mode == "processed_logprobs":
+        checks.append(Check("logprobs_mode", True, "engine returns processed_logprobs (after temperature etc.)"))
+    elif mode == "raw_logprobs" and t_temp == 1.0 and not transforms:
+        checks.append(Check("logprobs_mode", True, "engine returns raw_logprobs; equal to processed at T=1 with "
+                                                   "no other sampler transform"))
+    else:
+        checks.append(Check("logprobs_mode", False,
+                            f"engine returns {mode} at temperature={t_temp:g}"
+                            + (f" with {', '.join(transforms)}" if transforms else "")
+                            + ": they ignore the sampler, so ratios compare different distributions",
+                            "set logprobs_mode: processed_logprobs"))
+
+    same = trainer["compute_dtype"] == engine["compute_dtype"]
+    checks.append(Check("dtype", same, f"trainer computes in {trainer['compute_dtype']}, engine in "
+                                       f"{engine['compute_dtype']}",
+                        "" if same else "set the engine dtype to the trainer's (vllm_dtype: auto follows the "
+                                        "trainer) or train in the engine's dtype (bf16: true / false)"))
+
+    th, eh = trainer["head_dtype"], engine["head_dtype"]
+    if trainer.get("want_fp32_head") and not engine.get("head_dtype_supported", True):
+        checks.append(Check("lm_head_dtype", False, f"fp32_lm_head requested but the installed vLLM cannot run "
+                                                    f"an fp32 head (engine head in {eh}, trainer head in {th})",
+                            "install a vLLM with hf_overrides head_dtype (>= 0.26), or set fp32_lm_head: false "
+                            "on both sides"))
+    else:
+        ok = th == eh and (not trainer.get("want_fp32_head") or th == "float32")
+        checks.append(Check("lm_head_dtype", ok, f"lm_head computes in {th} (trainer) and {eh} (engine)",
+                            "" if ok else "set fp32_lm_head: true so both sides run the head in float32"))
+
+    diffs = [f"{f}: trainer {trainer.get(f, NEUTRAL.get(f))} vs engine {engine.get(f, NEUTRAL.get(f))}"
+             for f in SAMPLER_FIELDS if _norm(f, trainer.get(f)) != _norm(f, engine.get(f))]
+    checks.append(Check("sampler", not diffs,
+                        "; ".join(diffs) if diffs else
+                        f"both sides sample/score at temperature={t_temp:g}"
+                        + (f" with {', '.join(transforms)}" if transforms else ", no other transform"),
+                        "" if not diffs else "set sampler settings once in the config (temperature, top_k, top_p, "
+                                             "min_p, repetition_penalty), not in generation_kwargs; the trainer "
+                                             "scores with temperature only, so leave the others neutral"))
+
+    gen = engine.get("generation_config") or {}
+    ignored = {k: v for k, v in gen.items() if k in SAMPLER_FIELDS and _norm(k, v) != _norm(k, engine.get(k))}
+    checks.append(Check("generation_config", True,
+                        "model generation_config defaults not in effect on either side (the config's values are "
+                        f"used on both): {ignored}" if ignored else
+                        "model generation_config sets no sampler default that differs from the config"))
+
+    if not engine["prefix_caching"]:
+        checks.append(Check("prefix_cache", True, "prefix caching off"))
+    else:
+        ok = bool(engine.get("reset_after_sync"))
+        checks.append(Check("prefix_cache", ok, "prefix caching on, " + (
+            "cache reset after every weight sync" if ok else "cache NOT reset after weight sync: KV blocks "
+                                                             "computed with old weights are reused"),
+                            "" if ok else "set enable_prefix_caching: false"))
+    asyn = bool(engine["async_scheduling"])
+    checks.append(Check("async_scheduling", not asyn, f"async scheduling {'on' if asyn else 'off'}",
+                        "set async_scheduling off (trl-correct builds the engine with it off)" if asyn else ""))
+    return checks
+
+
+def weight_sync_check(stale: list[str], version: int) -> Check:
+    """`stale`: engine parameter groups whose fingerprint differs from the trainer's (empty = in sync)."""
+    if not stale:
+        return Check("weight_sync", True, f"engine weights match the trainer's (sync #{version}, every group "
+                                          "fingerprinted)")
+    shown = ", ".join(stale[:4]) + (f" and {len(stale) - 4} more" if len(stale) > 4 else "")
+    return Check("weight_sync", False, f"after sync #{version} the engine differs from the trainer in {len(stale)} "
+                                       f"parameter group(s): {shown}",
+                 "the weight update did not reach the engine: check the weight names and the load path "
+                 "(trl-correct loads through vLLM's reload_weights)")
+
+
+def mismatch_check(stats: dict, thresholds: dict, label: str = "probe") -> Check:
+    """Compare mean/max |Δlogp| and k3 KL with thresholds (keys as in `stats`); non-finite tokens fail."""
+    over = [f"{k}={stats[k]:.3g} > {thresholds[k]:.3g}" for k in ("mean_abs_logprob_diff", "max_abs_logprob_diff",
+                                                                  "kl_k3") if not within(stats[k], thresholds[k])]
+    if stats.get("n_nonfinite"):
+        over.append(f"{stats['n_nonfinite']} non-finite logprobs")
+    if stats.get("n_tokens", 0) == 0:
+        over.append("no tokens to compare")
+    summary = (f"{label}: {stats.get('n_tokens', 0)} tokens, mean |Δ|={stats['mean_abs_logprob_diff']:.3g}, "
+               f"p99={stats['p99_abs_logprob_diff']:.3g}, max={stats['max_abs_logprob_diff']:.3g}, "
+               f"k3 KL={stats['kl_k3']:.3g}")
+    return Check("mismatch", not over, summary + ("" if not over else "; over threshold: " + ", ".join(over)),
+                 "" if not over else "find the failing static check above; if all pass, compare dtypes and "
+                                     "kernels, or loosen the thresholds only with a measured reason")
+
+
+def finite_dict(d: dict) -> dict:
+    """JSON-safe copy (NaN/inf become strings)."""
+    return {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in d.items()}
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2, default=str)

@@ -1,0 +1,110 @@
+"""Pure numerics of trainer/engine mismatch: gaps, k3 KL, truncated importance weights, effective sample size.
+
+Plain torch on tensors; knows nothing of vLLM or TRL, so every formula here is unit-tested on hand-made tensors.
+Convention: r = trainer_logprobs - engine_logprobs per token. Tokens are sampled by the engine, so the importance
+weight of a token is exp(r), and k3 = exp(r) - r - 1 estimates KL(engine || trainer) (Schulman's k3).
+Shapes: [B, T] logprobs with a [B, T] mask of the tokens that count (completion tokens, not padding or tool output).
+"""
+
+import math
+
+import torch
+
+TIS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+MISMATCH_KEYS = ("mean_abs_logprob_diff", "p99_abs_logprob_diff", "max_abs_logprob_diff", "kl_k3", "n_tokens",
+                 "n_nonfinite")
+
+
+def valid_gaps(trainer_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor):
+    """Flat tensor of r = trainer - engine over masked, finite tokens (float64), and the count of non-finite ones.
+
+    A non-finite logprob on either side is never averaged into a statistic: it is counted instead.
+    """
+    r = trainer_logprobs.detach().double() - engine_logprobs.detach().double()
+    m = mask.bool()
+    finite = torch.isfinite(r)
+    return r[m & finite], int((m & ~finite).sum())
+
+
+def summarize_gaps(r: torch.Tensor, n_nonfinite: int = 0) -> dict:
+    """Mismatch statistics of a flat tensor of gaps r (see module docstring). Empty input gives zeros."""
+    if r.numel() == 0:
+        return dict(mean_abs_logprob_diff=0.0, p99_abs_logprob_diff=0.0, max_abs_logprob_diff=0.0, kl_k3=0.0,
+                    n_tokens=0, n_nonfinite=n_nonfinite)
+    a = r.abs()
+    return dict(
+        mean_abs_logprob_diff=a.mean().item(),
+        p99_abs_logprob_diff=torch.quantile(a, 0.99).item() if a.numel() < 16_000_000 else a.max().item(),
+        max_abs_logprob_diff=a.max().item(),
+        kl_k3=(torch.expm1(r) - r).mean().item(),
+        n_tokens=int(r.numel()),
+        n_nonfinite=n_nonfinite,
+    )
+
+
+def mismatch_stats(trainer_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor) -> dict:
+    """Mean / p99 / max |Δlogp|, k3 KL, token count and non-finite count over masked tokens. Args [B, T]."""
+    return summarize_gaps(*valid_gaps(trainer_logprobs, engine_logprobs, mask))
+
+
+def is_weights(trainer_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor, mode: str,
+               cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated / masked importance weights exp(r) capped at `cap`.
+
+    Returns (weights, hit_cap): weights [B, T] for token modes, [B, 1] for sequence modes (sum of masked r per
+    sequence); hit_cap [B, T] bool, true where the token's weight was truncated or masked (for sequence modes,
+    every masked token of a capped sequence). Non-finite tokens get weight 0 in token modes and zero their sequence
+    in sequence modes: an unscored token must not be trained on as if it were on-policy.
+    """
+    if mode not in TIS_MODES:
+        raise ValueError(f"tis_mode={mode!r} is unknown; use one of {', '.join(TIS_MODES)}")
+    r = (trainer_logprobs.detach().float() - engine_logprobs.detach().float())
+    m = mask.bool()
+    bad = m & ~torch.isfinite(r)
+    r = torch.where(m & ~bad, r, torch.zeros_like(r))
+    if mode.startswith("sequence"):
+        r = r.sum(dim=-1, keepdim=True)
+        bad = bad.any(dim=-1, keepdim=True)
+    # exp of a large r overflows to inf; clamping r first keeps the comparison exact for any cap below e^80
+    ratio = torch.exp(r.clamp(max=80.0))
+    over = ratio > cap
+    if mode.endswith("truncate"):
+        w = torch.where(over, torch.full_like(ratio, cap), ratio)
+        hit = ratio >= cap
+    else:
+        w = torch.where(over, torch.zeros_like(ratio), ratio)
+        hit = over
+    w = torch.where(bad, torch.zeros_like(w), w)
+    hit_tokens = (hit | bad).expand_as(m) & m
+    return w, hit_tokens
+
+
+def weight_stats(w: torch.Tensor, hit: torch.Tensor) -> dict:
+    """clip_frac (share of tokens whose weight hit the cap) and normalised ESS (Σw)² / (N Σw²) of flat per-token
+    weights; ESS 1.0 means uniform weights. Empty input gives clip_frac 0 and ess 1."""
+    w = w.double()
+    n = w.numel()
+    sq = float((w * w).sum())
+    return dict(clip_frac=float(hit.sum()) / n if n else 0.0,
+                ess=(float(w.sum()) ** 2 / (n * sq) if sq > 0 else 0.0) if n else 1.0)
+
+
+def per_token(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Flat weight of each masked token; [B, 1] sequence weights count once per masked token of their sequence."""
+    return weights.expand_as(mask)[mask.bool()]
+
+
+def step_metrics(trainer_logprobs, engine_logprobs, mask, mode: str, cap: float) -> tuple[dict, torch.Tensor]:
+    """All per-step numbers of one process at once: mismatch stats plus clip_frac and ess of the capped weights.
+
+    Returns (metrics, weights). The weights are what TIS would apply; whether it does is the gate's decision.
+    """
+    stats = mismatch_stats(trainer_logprobs, engine_logprobs, mask)
+    w, hit = is_weights(trainer_logprobs, engine_logprobs, mask, mode, cap)
+    stats.update(weight_stats(per_token(w, mask), hit[mask.bool()]))
+    return stats, w
+
+
+def within(value: float, threshold: float) -> bool:
+    """value <= threshold, false for NaN (a NaN statistic never passes)."""
+    return not math.isnan(value) and value <= threshold

@@ -1,0 +1,75 @@
+"""The main job: GRPO with CorrectGRPOTrainer from a YAML recipe.
+
+    accelerate launch --config_file accelerate_configs/cpu.yaml -m trl_correct.train --config recipes/tiny.yaml
+    trl-correct train --config recipes/tiny.yaml [--field value ...]     # the same, flags override the recipe
+
+`model_name_or_path` is a local HF model directory, a hub name (when the user has it), or `trl-correct/tiny` (the
+embedded model, built and cached on first use). `dataset_name` is a local dataset (directory, or .json/.jsonl/.csv/
+.parquet file with a `prompt` column), a hub name, or `trl-correct/tiny-prompts`.
+"""
+
+import importlib
+import os
+from dataclasses import dataclass, field
+
+from trl import ModelConfig, ScriptArguments, TrlParser
+
+from .config import CorrectGRPOConfig
+from .tiny import TINY_MODEL, TINY_PROMPTS, tiny_model_dir, tiny_prompts
+
+
+@dataclass
+class TrainScriptArguments(ScriptArguments):
+    dataset_name: str | None = field(default=TINY_PROMPTS, metadata={"help": "Prompt dataset (see module doc)."})
+    reward_funcs: list[str] = field(default_factory=lambda: ["trl_correct.tiny.keyword_reward"], metadata={
+        "help": "Reward functions as dotted paths module.function (TRL reward-function signature)."})
+
+
+def load_reward(path: str):
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"reward_funcs: cannot import {path!r} ({e}); give module.function") from None
+
+
+def load_prompts(args: TrainScriptArguments):
+    if args.dataset_name == TINY_PROMPTS:
+        return tiny_prompts()
+    from datasets import load_dataset
+
+    name = args.dataset_name
+    ext = os.path.splitext(name)[1].lstrip(".")
+    if os.path.isfile(name):
+        return load_dataset({"jsonl": "json"}.get(ext, ext), data_files=name, split=args.dataset_train_split)
+    if os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_info.json")):
+        from datasets import load_from_disk
+
+        return load_from_disk(name)
+    return load_dataset(name, args.dataset_config, split=args.dataset_train_split)
+
+
+def resolve_model(name: str | None) -> str:
+    if name in (None, TINY_MODEL):
+        return str(tiny_model_dir())
+    return name
+
+
+def main(argv: list[str] | None = None):
+    parser = TrlParser((TrainScriptArguments, CorrectGRPOConfig, ModelConfig))
+    script_args, args, model_args = parser.parse_args_and_config(args=argv)
+    from .trainer import CorrectGRPOTrainer
+
+    model = resolve_model(model_args.model_name_or_path)
+    init = dict(args.model_init_kwargs or {})
+    if model_args.dtype is not None:
+        init.setdefault("dtype", model_args.dtype)
+    args.model_init_kwargs = init
+    trainer = CorrectGRPOTrainer(model=model, reward_funcs=[load_reward(r) for r in script_args.reward_funcs],
+                                 args=args, train_dataset=load_prompts(script_args))
+    trainer.train()
+    return trainer
+
+
+if __name__ == "__main__":
+    main()

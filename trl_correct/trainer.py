@@ -1,0 +1,271 @@
+"""CorrectGRPOTrainer: TRL's GRPOTrainer with a colocated vLLM engine whose parity is proven before any correction.
+
+Overrides (each calls super() and post-processes):
+- __init__: builds the parent without its engine, then our `Engine` (engine.py) in its place.
+- train: runs the gate before step 0, switches TIS on only if it passes, writes correctness_report.json at the end.
+- _generate_and_score_completions: measures mismatch on the real batch every step and applies our TIS weights
+  (all ones until the gate has passed).
+Hooks for subclasses: engine_settings(), engine_weights(), trainer_facts(), probe_prompts(), on_gate_failure().
+"""
+
+import json
+import logging
+import os
+import warnings
+
+import torch
+from accelerate.utils import gather_object, is_peft_model
+from trl import GRPOTrainer
+from trl.trainer.utils import pad
+
+from .config import CorrectGRPOConfig
+from .engine import Engine, EngineSettings
+from .gate import Check, GateFailure, GateReport, mismatch_check, static_checks, weight_sync_check
+from .numerics import is_weights, per_token, summarize_gaps, valid_gaps, weight_stats
+
+logger = logging.getLogger("trl_correct")
+PROBE_SEED = 1234
+METRIC_KEYS = ("mean_abs_logprob_diff", "p99_abs_logprob_diff", "max_abs_logprob_diff", "kl_k3", "clip_frac", "ess")
+
+
+class CorrectGRPOTrainer(GRPOTrainer):
+    def __init__(self, model, reward_funcs, args: CorrectGRPOConfig | None = None, **kwargs):
+        if not isinstance(args, CorrectGRPOConfig):
+            raise TypeError("args must be a CorrectGRPOConfig (trl_correct.CorrectGRPOConfig), got "
+                            f"{type(args).__name__}")
+        args.use_vllm = False  # the parent would build stock TRL's engine; ours replaces it below
+        try:
+            super().__init__(model, reward_funcs, args=args, **kwargs)
+        finally:
+            args.use_vllm = True
+        self.use_vllm = True
+        if is_peft_model(self.model):
+            raise NotImplementedError("trl-correct does not sync LoRA adapters yet; train without use_peft")
+        self.compute_dtype = self._compute_dtype()
+        self.thresholds, self.thresholds_reason = args.thresholds(self.compute_dtype)
+        if args.vllm_kv_cache_gib and not torch.cuda.is_available():
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.vllm_kv_cache_gib))
+        self.engine = Engine(self.engine_settings(), weights_fn=self.engine_weights,
+                             rank=self.accelerator.process_index, world_size=self.accelerator.num_processes)
+        self.engine.after_sync = self._after_sync
+        self.vllm_generation = self.engine  # TRL's loop calls sync_weights() and generate() on it
+        self._last_loaded_step = -1
+        self.gate_report: GateReport | None = None
+        self.tis_enabled = False  # only a passing gate switches it on
+        self.step_records: list[dict] = []
+        self.failures: list[dict] = []
+        self._in_training = False
+        self._last_sync_check: Check | None = None
+
+    # -- hooks -----------------------------------------------------------------------------------------------------
+    def engine_settings(self) -> EngineSettings:
+        """How the engine is built and samples; override to change (tests use this to inject faults)."""
+        a = self.args
+        model = self.accelerator.unwrap_model(self.model)
+        return EngineSettings(
+            model=model.name_or_path, dtype=self.compute_dtype if a.vllm_dtype == "auto" else a.vllm_dtype,
+            logprobs_mode=a.logprobs_mode, enable_prefix_caching=a.enable_prefix_caching,
+            fp32_lm_head=a.fp32_lm_head, seed=self.accelerator.process_index, max_model_len=a.vllm_max_model_length,
+            max_num_seqs=max(a.probe_size, a.per_device_train_batch_size * a.steps_per_generation),
+            gpu_memory_utilization=a.vllm_gpu_memory_utilization, trust_remote_code=a.trust_remote_code,
+            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p or 0.0,
+            repetition_penalty=self.repetition_penalty, max_tokens=self.max_completion_length,
+            generation_kwargs=dict(a.generation_kwargs or {}))
+
+    def engine_weights(self):
+        """(name, tensor) pairs in checkpoint format that make up the policy, as streamed to the engine."""
+        for name, p in self.accelerator.unwrap_model(self.model).named_parameters():
+            yield name, p.detach()
+
+    def trainer_facts(self) -> dict:
+        """The trainer's side of the static checks. TRL 1.16 scores tokens with temperature only."""
+        head = "float32" if self.args.cast_lm_head_to_fp32 else self.compute_dtype
+        return dict(compute_dtype=self.compute_dtype, head_dtype=head, want_fp32_head=self.args.fp32_lm_head,
+                    temperature=self.temperature)
+
+    def probe_prompts(self) -> list[list[int]]:
+        """Token ids of the probe prompts: the first `probe_size` training prompts. With prefix caching on, each
+        is lengthened past one KV block so a stale cached block would be reused (and caught)."""
+        rows = [self.train_dataset[i]["prompt"] for i in range(min(self.args.probe_size, len(self.train_dataset)))]
+        ids, _, _ = self._tokenize_prompts(rows)
+        ids = [list(p) for p in ids]
+        if self.args.enable_prefix_caching:
+            filler = [t for p in ids for t in p]
+            need = self.engine.facts()["block_size"] + 16
+            ids = [(filler * (need // max(len(filler), 1) + 1))[: max(need - len(p), 0)] + p for p in ids]
+        return ids
+
+    def on_gate_failure(self, report: GateReport, when: str) -> None:
+        """Apply the gate policy to a failed report: TIS goes off in every policy; enforce raises."""
+        self.tis_enabled = False
+        self.failures.append({"step": self.state.global_step, "when": when, **report.to_dict()})
+        if self.args.gate == "enforce":
+            self.write_report()
+            raise GateFailure(report, when)
+        msg = f"trl-correct gate failed {when}; training continues WITHOUT importance-sampling correction.\n{report}"
+        if self.args.gate == "warn":
+            warnings.warn(msg, stacklevel=2)
+            logger.warning(msg)
+        else:
+            logger.info(msg)
+
+    # -- gate ------------------------------------------------------------------------------------------------------
+    def _compute_dtype(self) -> str:
+        if self.args.bf16:
+            return "bfloat16"
+        if self.args.fp16:
+            return "float16"
+        emb = self.accelerator.unwrap_model(self.model).get_input_embeddings().weight
+        return str(emb.dtype).removeprefix("torch.")
+
+    def _after_sync(self, stale: list[str]) -> None:
+        self._last_sync_check = weight_sync_check(stale, self.engine.sync_count)
+        if not self._in_training:
+            return
+        checks = [self._last_sync_check] if self.args.verify_weight_sync else []
+        every = self.args.probe_interval
+        if self.args.enable_prefix_caching or (every and self.state.global_step % every == 0):
+            checks += self._probe_checks()[0]
+        if every and self.state.global_step % every == 0:
+            checks += static_checks(self.trainer_facts(), self.engine.facts())
+        report = self._merge(GateReport(tuple(checks)))
+        if not report.passed:
+            self.on_gate_failure(report, f"after the weight sync at step {self.state.global_step}")
+        elif every and self.state.global_step % every == 0 and not self.tis_enabled:
+            logger.warning("trl-correct gate passes again at step %d: TIS back on", self.state.global_step)
+            self.tis_enabled = True
+
+    def probe(self, prompt_ids: list[list[int]] | None = None) -> dict:
+        """Engine samples from the probe prompts; the trainer scores the same tokens. Returns mismatch stats."""
+        prompt_ids = self.probe_prompts() if prompt_ids is None else prompt_ids
+        completion_ids, engine_lps = self.engine.sample(prompt_ids, max_tokens=self.args.probe_tokens,
+                                                        seed=PROBE_SEED)
+        trainer_lps, mask = self.score(prompt_ids, completion_ids)
+        engine_lps = pad([torch.tensor(x, dtype=torch.float32) for x in engine_lps], padding_value=float("nan"),
+                         padding_side="right").to(trainer_lps.device)
+        r, nonfinite = valid_gaps(trainer_lps, engine_lps, mask)
+        return summarize_gaps(r, nonfinite)
+
+    @torch.no_grad()
+    def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]):
+        """Trainer logprobs of `completion_ids` after `prompt_ids`, through TRL's own scoring path.
+        Returns (trainer_logprobs [B, T], mask [B, T])."""
+        device = self.accelerator.device
+        pad_id = self._tokenizer.pad_token_id
+        p = pad([torch.tensor(x) for x in prompt_ids], padding_value=pad_id, padding_side="left")
+        pm = pad([torch.ones(len(x), dtype=torch.long) for x in prompt_ids], padding_value=0, padding_side="left")
+        c = pad([torch.tensor(x, dtype=torch.long) for x in completion_ids], padding_value=pad_id,
+                padding_side="right")
+        cm = pad([torch.ones(len(x), dtype=torch.long) for x in completion_ids], padding_value=0,
+                 padding_side="right")
+        ids, attn = torch.cat([p, c], 1).to(device), torch.cat([pm, cm], 1).to(device)
+        lps, _, _ = self._get_per_token_logps_and_entropies(self.model, ids, attn, c.size(1),
+                                                            batch_size=self.args.per_device_train_batch_size)
+        return lps.float(), cm.to(device)
+
+    def _probe_checks(self) -> tuple[list[Check], dict]:
+        """The probe's mismatch check; with prefix caching on, a failure is re-measured on prompts whose prefix
+        cannot be cached (first token changed): passing there names the stale cache as the cause."""
+        prompts = self.probe_prompts()
+        stats = self.probe(prompts)
+        check = mismatch_check(stats, self.thresholds)
+        checks = [check]
+        if self.args.enable_prefix_caching:
+            if self.engine.last_reset_ok is False:
+                checks.append(Check("prefix_cache", False, "reset_prefix_cache() returned False after the sync: "
+                                                           "vLLM refused to drop cached blocks",
+                                    "set enable_prefix_caching: false"))
+            if not check.passed:
+                vocab = self.accelerator.unwrap_model(self.model).config.vocab_size
+                fresh = self.probe([[(p[0] + 1) % vocab] + p[1:] for p in prompts])
+                if mismatch_check(fresh, self.thresholds).passed:
+                    checks.append(Check(
+                        "prefix_cache", False,
+                        f"probe max |Δ|={stats['max_abs_logprob_diff']:.3g} on cached prefixes but "
+                        f"{fresh['max_abs_logprob_diff']:.3g} on uncached ones: KV blocks computed with old weights "
+                        "were reused after the sync", "set enable_prefix_caching: false (or make sure "
+                                                      "reset_prefix_cache() runs after every weight load)"))
+        return checks, stats
+
+    def run_gate(self) -> GateReport:
+        """Sync the trainer's weights into the engine, then run every check. Does not apply the policy."""
+        self.engine.sync_weights()
+        self._last_loaded_step = self.state.global_step
+        checks = static_checks(self.trainer_facts(), self.engine.facts())
+        if self.args.verify_weight_sync:
+            checks.append(self._last_sync_check)
+        probe_checks, stats = self._probe_checks()
+        report = GateReport(tuple(checks + probe_checks), dict(stats, thresholds=self.thresholds,
+                                                               thresholds_reason=self.thresholds_reason))
+        return self._merge(report)
+
+    def _merge(self, report: GateReport) -> GateReport:
+        """One verdict for all ranks: the first failing rank's report, else this rank's."""
+        if self.accelerator.num_processes == 1:
+            return report
+        reports = gather_object([report])
+        return next((r for r in reports if not r.passed), report)
+
+    # -- training --------------------------------------------------------------------------------------------------
+    def train(self, *args, **kwargs):
+        self.gate_report = self.run_gate()
+        if self.accelerator.is_main_process:
+            print(self.gate_report.table(), flush=True)
+        if self.gate_report.passed:
+            self.tis_enabled = True
+            logger.info("trl-correct: gate PASS, TIS on (%s, cap %g)", self.args.tis_mode, self.args.tis_cap)
+        else:
+            self.on_gate_failure(self.gate_report, "before training")
+        self._in_training = True
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._in_training = False
+            self.write_report()
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        if not self.model.training:
+            return out
+        mask = out["completion_mask"] if "tool_mask" not in out else out["completion_mask"] * out["tool_mask"]
+        trainer_lps, engine_lps = out["old_per_token_logps"], out["sampling_per_token_logps"]
+        r, nonfinite = valid_gaps(trainer_lps, engine_lps, mask)
+        w, hit = is_weights(trainer_lps, engine_lps, mask, self.args.tis_mode, self.args.tis_cap)
+        gathered = [self._gather_flat(x) for x in (r, per_token(w, mask), hit[mask.bool()].float())]
+        total_nonfinite = int(self.accelerator.gather(torch.tensor([nonfinite], device=r.device)).sum())
+        stats = summarize_gaps(gathered[0], total_nonfinite)
+        stats.update(weight_stats(gathered[1], gathered[2]))
+        step = self.state.global_step
+        check = mismatch_check(stats, self.thresholds, label=f"batch at step {step}")
+        if not check.passed and self.tis_enabled:
+            self.on_gate_failure(GateReport((check,), stats), f"on the training batch at step {step}")
+        out["importance_sampling_ratio"] = w if self.tis_enabled else torch.ones_like(w)
+        gate_passed = bool(self.gate_report and self.gate_report.passed and check.passed)
+        record = {"step": step, "tis_enabled": self.tis_enabled, "gate_passed": gate_passed,
+                  **{k: stats[k] for k in METRIC_KEYS}, "n_tokens": stats["n_tokens"]}
+        self.step_records.append(record)
+        for k in ("gate_passed", "tis_enabled", *METRIC_KEYS):
+            self._metrics["train"][f"correct/{k}"].append(float(record[k]))
+        return out
+
+    def _gather_flat(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate a 1-D tensor of any length from every rank."""
+        if self.accelerator.num_processes == 1:
+            return x
+        x = x.double()
+        n = self.accelerator.gather(torch.tensor([x.numel()], device=x.device))
+        padded = torch.full((int(n.max()),), float("nan"), dtype=x.dtype, device=x.device)
+        padded[: x.numel()] = x
+        allx = self.accelerator.gather(padded)
+        return allx[~torch.isnan(allx)]
+
+    def write_report(self) -> None:
+        """<output_dir>/correctness_report.json: the start gate report and every step's metrics."""
+        if not self.accelerator.is_main_process:
+            return
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        data = {"gate": self.gate_report.to_dict() if self.gate_report else None, "steps": self.step_records,
+                "failures": self.failures, "thresholds": self.thresholds,
+                "thresholds_reason": self.thresholds_reason, "engine": self.engine.facts()}
+        with open(os.path.join(self.args.output_dir, "correctness_report.json"), "w") as f:
+            json.dump(data, f, indent=2, default=str)
