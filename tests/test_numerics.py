@@ -1,0 +1,96 @@
+"""Pure numerics on hand-made tensors: gaps, k3 KL, capped importance weights, ESS."""
+
+import math
+
+import pytest
+import torch
+
+from trl_correct.numerics import is_weights, mismatch_stats, per_token, step_metrics, summarize_gaps, weight_stats
+
+
+def t(x):
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def test_mismatch_stats_hand_computed():
+    trainer = t([[-1.0, -2.0, -3.0], [-0.5, -0.5, 0.0]])
+    engine = t([[-1.1, -2.0, -2.5], [-0.5, -0.7, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    s = mismatch_stats(trainer, engine, mask)
+    r = torch.tensor([0.1, 0.0, -0.5, 0.0, 0.2], dtype=torch.float64)
+    assert s["n_tokens"] == 5 and s["n_nonfinite"] == 0
+    assert s["mean_abs_logprob_diff"] == pytest.approx(0.8 / 5, rel=1e-6)
+    assert s["max_abs_logprob_diff"] == pytest.approx(0.5, rel=1e-6)
+    assert s["kl_k3"] == pytest.approx(float((torch.exp(r) - r - 1).mean()), rel=1e-5)
+    assert s["kl_k3"] > 0  # k3 is non-negative and zero only when r == 0
+
+
+def test_padding_never_counts_and_empty_mask_gives_zeros():
+    s = mismatch_stats(t([[0.0, -5.0]]), t([[0.0, 5.0]]), torch.tensor([[1, 0]]))
+    assert s["max_abs_logprob_diff"] == 0.0 and s["n_tokens"] == 1
+    s = mismatch_stats(t([[1.0]]), t([[2.0]]), torch.tensor([[0]]))
+    assert s["n_tokens"] == 0 and s["mean_abs_logprob_diff"] == 0.0
+
+
+def test_non_finite_is_counted_not_averaged():
+    s = mismatch_stats(t([[-1.0, -1.0, float("-inf")]]), t([[-1.0, float("nan"), -1.0]]), torch.ones(1, 3))
+    assert s["n_nonfinite"] == 2 and s["n_tokens"] == 1 and math.isfinite(s["mean_abs_logprob_diff"])
+
+
+def test_p99_of_known_distribution():
+    r = torch.linspace(0, 1, 10001, dtype=torch.float64)
+    assert summarize_gaps(r)["p99_abs_logprob_diff"] == pytest.approx(0.99, abs=1e-4)
+
+
+def test_token_truncate_caps_at_c_and_marks_clipped():
+    trainer = t([[math.log(3.0), 0.0, math.log(0.5)]])
+    engine = t([[0.0, 0.0, 0.0]])
+    w, hit = is_weights(trainer, engine, torch.ones(1, 3), "token_truncate", 2.0)
+    assert torch.allclose(w, t([[2.0, 1.0, 0.5]]))
+    assert hit.tolist() == [[True, False, False]]
+
+
+def test_token_mask_zeroes_above_cap():
+    w, hit = is_weights(t([[math.log(3.0), math.log(1.5)]]), t([[0.0, 0.0]]), torch.ones(1, 2), "token_mask", 2.0)
+    assert torch.allclose(w, t([[0.0, 1.5]])) and hit.tolist() == [[True, False]]
+
+
+def test_sequence_modes_use_the_summed_log_ratio():
+    trainer = t([[math.log(1.5), math.log(1.5), 5.0], [0.1, -0.1, 0.0]])
+    engine = torch.zeros(2, 3)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    w, hit = is_weights(trainer, engine, mask, "sequence_truncate", 2.0)
+    assert w.shape == (2, 1) and torch.allclose(w, t([[2.0], [1.0]]), atol=1e-6)  # 1.5 * 1.5 = 2.25 -> 2
+    assert hit.tolist() == [[True, True, False], [False, False, False]]
+    w, _ = is_weights(trainer, engine, mask, "sequence_mask", 2.0)
+    assert torch.allclose(w, t([[0.0], [1.0]]), atol=1e-6)
+
+
+def test_non_finite_token_gets_zero_weight():
+    w, hit = is_weights(t([[0.0, float("nan")]]), t([[0.0, 0.0]]), torch.ones(1, 2), "token_truncate", 2.0)
+    assert w.tolist() == [[1.0, 0.0]] and hit.tolist() == [[False, True]]
+
+
+def test_unknown_mode_names_the_field():
+    with pytest.raises(ValueError, match="tis_mode"):
+        is_weights(t([[0.0]]), t([[0.0]]), torch.ones(1, 1), "token_clip", 2.0)
+
+
+def test_ess_uniform_is_one_and_degenerate_is_small():
+    assert weight_stats(torch.ones(8), torch.zeros(8))["ess"] == pytest.approx(1.0)
+    w = torch.tensor([1.0] + [0.0] * 9)
+    assert weight_stats(w, torch.zeros(10))["ess"] == pytest.approx(0.1)
+    assert weight_stats(torch.ones(4), torch.tensor([1.0, 0, 0, 1]))["clip_frac"] == 0.5
+
+
+def test_per_token_expands_sequence_weights():
+    w = t([[2.0], [0.5]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert per_token(w, mask).tolist() == [2.0, 2.0, 0.5]
+
+
+def test_step_metrics_zero_gap_is_clean():
+    lp = t([[-1.0, -2.0]])
+    m, w = step_metrics(lp, lp.clone(), torch.ones(1, 2), "token_truncate", 2.0)
+    assert m["max_abs_logprob_diff"] == 0.0 and m["kl_k3"] == 0.0 and m["clip_frac"] == 0.0 and m["ess"] == 1.0
+    assert torch.equal(w, torch.ones(1, 2))
