@@ -18,6 +18,7 @@ RUNS = [
     ("fp32", ["--bf16", "false"]),
     ("bf16, fp32 head", ["--bf16", "true"]),
     ("bf16, bf16 head", ["--bf16", "true", "--fp32_lm_head", "false"]),
+    ("bf16, prefix caching on", ["--bf16", "true", "--enable_prefix_caching", "true"]),
     ("fault: engine bf16 vs trainer fp32", ["--bf16", "false", "--vllm_dtype", "bfloat16", "--gate", "observe"]),
 ]
 

@@ -42,7 +42,8 @@ class CorrectGRPOTrainer(GRPOTrainer):
         if is_peft_model(self.model):
             raise NotImplementedError("trl-correct does not sync LoRA adapters yet; train without use_peft")
         self.compute_dtype = self._compute_dtype()
-        self.thresholds, self.thresholds_reason = args.thresholds(self.compute_dtype)
+        self.thresholds, self.thresholds_reason = args.thresholds(self.compute_dtype,
+                                                                   self.accelerator.device.type == "cuda")
         if args.vllm_kv_cache_gib and not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.vllm_kv_cache_gib))
         self.engine = Engine(self.engine_settings(), weights_fn=self.engine_weights,
