@@ -5,12 +5,19 @@ cast_lm_head_to_fp32) are derived from ours; setting them to something that cont
 silent override. Every error names the field and the fix.
 """
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
 from trl import GRPOConfig
 
 from .numerics import TIS_MODES
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
 
 GATE_POLICIES = ("enforce", "warn", "observe")
 LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
@@ -115,6 +122,9 @@ class CorrectGRPOConfig(GRPOConfig):
             v = getattr(self, name)
             if v is not None and not v > 0:
                 bad(name, "a threshold must be > 0, or null for the dtype default")
+        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_gpu():
+            # several ranks and no GPU: without use_cpu accelerate would run each rank as a lone process
+            self.use_cpu = True
         super().__post_init__()
 
     def thresholds(self, compute_dtype: str, on_gpu: bool = False) -> tuple[dict, str]:

@@ -252,6 +252,9 @@ class CorrectGRPOTrainer(GRPOTrainer):
         gate_passed = bool(self.gate_report and self.gate_report.passed and check.passed)
         record = {"step": step, "tis_enabled": self.tis_enabled, "gate_passed": gate_passed,
                   **{k: stats[k] for k in METRIC_KEYS}, "n_tokens": stats["n_tokens"]}
+        for ours, trl_key in (("reward", "reward"), ("completion_length", "completions/mean_length")):
+            if self._metrics["train"].get(trl_key):  # TRL appended this batch's value (all ranks) during super()
+                record[ours] = self._metrics["train"][trl_key][-1]
         self.step_records.append(record)
         for k in ("gate_passed", "tis_enabled", *METRIC_KEYS):
             self._metrics["train"][f"correct/{k}"].append(float(record[k]))
