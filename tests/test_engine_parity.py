@@ -183,3 +183,23 @@ def test_mismatch_appearing_mid_run_switches_tis_off_and_stops(make_trainer):
     with pytest.raises(GateFailure) as e:
         trainer.train()
     assert e.value.report.causes == ["mismatch"] and trainer.state.global_step == 1 and not trainer.tis_enabled
+
+
+class Hooked(CorrectGRPOTrainer):
+    """The README's subclassing example: custom probe prompts and a failure hook that calls super()."""
+
+    def probe_prompts(self):
+        return [self.processing_class("The value of the expression is")["input_ids"]] * 2
+
+    def on_gate_failure(self, report, when):
+        self.alerts = getattr(self, "alerts", []) + [(when, report.causes)]
+        super().on_gate_failure(report, when)
+
+
+def test_subclass_hooks_from_readme(make_trainer):
+    trainer = make_trainer(Hooked, gate="observe", vllm_dtype="bfloat16", max_steps=1)
+    trainer.train()
+    when, causes = trainer.alerts[0]
+    assert when == "before training" and "dtype" in causes
+    assert 0 < trainer.gate_report.mismatch["n_tokens"] <= 2 * trainer.args.probe_tokens  # our 2 prompts only
+    assert trainer.state.global_step == 1 and not trainer.step_records[0]["tis_enabled"]
