@@ -7,6 +7,10 @@ a user or a bug causes it, flips the gate to FAIL with its own named cause; (4) 
 on after, and the weights applied in the loss are the ones the gate decided on.
 """
 
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -102,6 +106,10 @@ def test_weight_sync_that_loads_nothing_fails_at_that_step(make_trainer):
         trainer.train()
     assert e.value.report.causes == ["weight_sync"] and trainer.state.global_step == 1
     assert trainer.gate_report.passed  # it was fine before the fault appeared
+    ckpt = trainer.failures[-1]["checkpoint"]  # enforce keeps the work done before stopping
+    assert ckpt.endswith("checkpoint-1") and (Path(ckpt) / "trainer_state.json").exists()
+    saved = json.loads((Path(trainer.args.output_dir) / "correctness_report.json").read_text())
+    assert saved["failures"][-1]["causes"] == ["weight_sync"] and saved["failures"][-1]["step"] == 1
 
 
 def test_skipped_sync_call_fails_at_that_step(make_trainer):
@@ -172,17 +180,35 @@ def test_failed_gate_under_warn_trains_without_correction(make_trainer):
         assert ((old - sampled)[mask.bool()].abs() > 1e-4).any()  # there was a gap to (wrongly) correct
 
 
-def test_mismatch_appearing_mid_run_switches_tis_off_and_stops(make_trainer):
-    trainer = make_trainer(max_steps=3)
+def _drift_from(trainer, step):
+    """From `step` on, the engine samples at another temperature than the trainer scores with."""
     real = trainer.engine.sampling_params
 
-    def drifted(*a, **kw):  # from step 1 the engine samples at another temperature than the trainer scores
-        return real(*a, **{**kw, **({"temperature": 0.5} if trainer.state.global_step >= 1 else {})})
+    def drifted(*a, **kw):
+        return real(*a, **{**kw, **({"temperature": 0.5} if trainer.state.global_step >= step else {})})
 
     trainer.engine.sampling_params = drifted
+
+
+def test_mismatch_appearing_mid_run_switches_tis_off_and_stops(make_trainer):
+    trainer = make_trainer(max_steps=3)
+    _drift_from(trainer, 1)
     with pytest.raises(GateFailure) as e:
         trainer.train()
     assert e.value.report.causes == ["mismatch"] and trainer.state.global_step == 1 and not trainer.tis_enabled
+    assert trainer.failures[-1]["checkpoint"].endswith("checkpoint-1")
+
+
+@pytest.mark.parametrize("policy", ["warn", "observe"])
+def test_mid_run_fault_under_warn_or_observe_trains_on_uncorrected(make_trainer, policy, recwarn):
+    trainer = make_trainer(max_steps=4, gate=policy)
+    _drift_from(trainer, 2)
+    trainer.train()
+    assert trainer.state.global_step == 4
+    assert [r["tis_enabled"] for r in trainer.step_records] == [True, True, False, False]
+    assert trainer.failures[0]["step"] == 2 and trainer.failures[0]["causes"] == ["mismatch"]
+    loud = [w for w in recwarn if "WITHOUT importance-sampling correction" in str(w.message)]
+    assert len(loud) == (1 if policy == "warn" else 0)
 
 
 class Hooked(CorrectGRPOTrainer):
@@ -203,3 +229,14 @@ def test_subclass_hooks_from_readme(make_trainer):
     assert when == "before training" and "dtype" in causes
     assert 0 < trainer.gate_report.mismatch["n_tokens"] <= 2 * trainer.args.probe_tokens  # our 2 prompts only
     assert trainer.state.global_step == 1 and not trainer.step_records[0]["tis_enabled"]
+
+
+def test_model_generation_defaults_are_reported(make_trainer, tiny_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    gen = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**gen, "top_k": 20, "temperature": 0.6}))
+    trainer = make_trainer(model=str(model))
+    check = next(c for c in trainer.run_gate().checks if c.name == "generation_config")
+    assert check.passed and "top_k" in check.detail and "0.6" in check.detail, check
+    assert trainer.engine.facts()["top_k"] == 0  # the config's value rules on both sides

@@ -23,6 +23,7 @@ def test_mismatch_stats_hand_computed():
     assert s["max_abs_logprob_diff"] == pytest.approx(0.5, rel=1e-6)
     assert s["kl_k3"] == pytest.approx(float((torch.exp(r) - r - 1).mean()), rel=1e-5)
     assert s["kl_k3"] > 0  # k3 is non-negative and zero only when r == 0
+    assert s["ratio_outside_frac"] == pytest.approx(1 / 5)  # only r = -0.5 leaves [log 0.8, log 1.25]
 
 
 def test_padding_never_counts_and_empty_mask_gives_zeros():

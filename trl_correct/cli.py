@@ -1,6 +1,7 @@
 """`trl-correct` console script.
 
     trl-correct train --config recipes/tiny.yaml [--field value ...]   # the main job, in this process
+    trl-correct doctor --config RECIPE [--json OUT] [--plot OUT.png] [--inject FAULT ...] [--selftest]
     trl-correct build-tiny                                             # build/cache the embedded model, print its dir
 """
 
@@ -20,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
 
         train(rest)
         return 0
+    if cmd == "doctor":
+        from .doctor import main as doctor
+
+        return doctor(rest)
     if cmd == "build-tiny":
         from .tiny import tiny_model_dir
 

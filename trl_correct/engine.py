@@ -36,6 +36,8 @@ class EngineSettings:
     logprobs_mode: str = "processed_logprobs"
     enable_prefix_caching: bool = False
     fp32_lm_head: bool = True
+    head_dtype: str | None = None  # explicit engine head dtype; None: float32 when fp32_lm_head, else the model's
+    async_scheduling: bool = False  # V1 async scheduling; trl-correct keeps it off (the doctor ablates it)
     seed: int = 0
     max_model_len: int | None = None
     max_num_seqs: int = 64
@@ -115,6 +117,7 @@ class Engine:
         self.last_sync_stale: list[str] = []
         self.last_reset_ok: bool | None = None
         self.after_sync = None  # called with the stale groups after every sync (the trainer applies its policy)
+        self.verify_after_sync = True  # fingerprint after every sync (costs one read of the weights on each side)
         self._llm_weights_sleeping = False  # read by TRL's loop
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("LOCAL_RANK", str(rank))
@@ -123,7 +126,7 @@ class Engine:
         os.environ.setdefault("MASTER_PORT", str(29500 + (os.getpid() % 2000)))
         s = settings
         kwargs = dict(model=s.model, dtype=s.dtype, logprobs_mode=s.logprobs_mode,
-                      enable_prefix_caching=s.enable_prefix_caching, async_scheduling=False,
+                      enable_prefix_caching=s.enable_prefix_caching, async_scheduling=s.async_scheduling,
                       distributed_executor_backend="external_launcher", seed=s.seed,
                       max_model_len=s.max_model_len, max_num_seqs=s.max_num_seqs,
                       # vLLM's profiler misreads the 32k default as not enough memory; TRL uses the same value
@@ -132,8 +135,9 @@ class Engine:
                       trust_remote_code=s.trust_remote_code,
                       # the config's sampler settings are the only ones: ignore the model's generation_config
                       generation_config="vllm")
-        if s.fp32_lm_head and head_dtype_supported():
-            kwargs["hf_overrides"] = {"head_dtype": "float32"}
+        head = s.head_dtype or ("float32" if s.fp32_lm_head else None)
+        if head and head_dtype_supported():
+            kwargs["hf_overrides"] = {"head_dtype": head}
         self.llm = LLM(**kwargs)
         _, self.param_dtypes = self._rpc(_engine_fingerprint)
 
@@ -152,11 +156,7 @@ class Engine:
         mc = cfg.model_config
         sp = self.sampling_params()
         head = getattr(mc, "head_dtype", mc.dtype)
-        gen = {}
-        try:
-            gen = {k: v for k, v in (mc.try_get_generation_config() or {}).items()}
-        except Exception:  # older vLLMs: no generation config reader; the check then has nothing to compare
-            pass
+        gen = model_generation_defaults(self.settings.model, self.settings.trust_remote_code)
         return dict(
             compute_dtype=str(mc.dtype).removeprefix("torch."), head_dtype=str(head).removeprefix("torch."),
             head_dtype_supported=head_dtype_supported(), logprobs_mode=str(mc.logprobs_mode),
@@ -190,11 +190,12 @@ class Engine:
                     expected[g][1] += b
                 yield name, t
 
-        self.load_weights(tap(self.weights_fn()))
+        pairs = self.weights_fn()
+        self.load_weights(tap(pairs) if self.verify_after_sync else pairs)
         self.sync_count += 1
         if self.settings.enable_prefix_caching:
             self.last_reset_ok = self.reset_prefix_cache()
-        self.last_sync_stale = self.verify(dict(expected))
+        self.last_sync_stale = self.verify(dict(expected)) if self.verify_after_sync else []
         if self.after_sync is not None:
             self.after_sync(self.last_sync_stale)
         return self.last_sync_stale
@@ -236,6 +237,19 @@ class Engine:
         with profiler or nullcontext():
             ids, lps = self.sample(prompts)
         return [list(p) for p in prompts], ids, [[[x] for x in s] for s in lps], [[[t] for t in s] for s in ids]
+
+
+def model_generation_defaults(model: str, trust_remote_code: bool = False) -> dict:
+    """The sampler defaults the model's own generation_config.json sets (the engine is built to ignore them, so the
+    config's values rule on both sides; the gate reports the ones not in effect). Empty when there is none."""
+    from transformers import GenerationConfig
+
+    try:
+        cfg = GenerationConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):  # no generation_config.json: nothing to report
+        return {}
+    keys = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+    return {k: getattr(cfg, k) for k in keys if k in cfg.to_diff_dict()}
 
 
 def _vllm_version() -> str:

@@ -11,8 +11,10 @@ import math
 import torch
 
 TIS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
-MISMATCH_KEYS = ("mean_abs_logprob_diff", "p99_abs_logprob_diff", "max_abs_logprob_diff", "kl_k3", "n_tokens",
-                 "n_nonfinite")
+MISMATCH_KEYS = ("mean_abs_logprob_diff", "p99_abs_logprob_diff", "max_abs_logprob_diff", "kl_k3",
+                 "ratio_outside_frac", "n_tokens", "n_nonfinite")
+# The write-up's health band for token ratios: exp(r) outside [0.8, 1.25] (symmetric in log space) counts as off-policy.
+RATIO_BAND = (0.8, 1.25)
 
 
 def valid_gaps(trainer_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor):
@@ -30,13 +32,14 @@ def summarize_gaps(r: torch.Tensor, n_nonfinite: int = 0) -> dict:
     """Mismatch statistics of a flat tensor of gaps r (see module docstring). Empty input gives zeros."""
     if r.numel() == 0:
         return dict(mean_abs_logprob_diff=0.0, p99_abs_logprob_diff=0.0, max_abs_logprob_diff=0.0, kl_k3=0.0,
-                    n_tokens=0, n_nonfinite=n_nonfinite)
+                    ratio_outside_frac=0.0, n_tokens=0, n_nonfinite=n_nonfinite)
     a = r.abs()
     return dict(
         mean_abs_logprob_diff=a.mean().item(),
         p99_abs_logprob_diff=torch.quantile(a, 0.99).item() if a.numel() < 16_000_000 else a.max().item(),
         max_abs_logprob_diff=a.max().item(),
         kl_k3=(torch.expm1(r) - r).mean().item(),
+        ratio_outside_frac=((r < math.log(RATIO_BAND[0])) | (r > math.log(RATIO_BAND[1]))).double().mean().item(),
         n_tokens=int(r.numel()),
         n_nonfinite=n_nonfinite,
     )

@@ -8,6 +8,7 @@ Overrides (each calls super() and post-processes):
 Hooks for subclasses: engine_settings(), engine_weights(), trainer_facts(), probe_prompts(), on_gate_failure().
 """
 
+import gc
 import json
 import logging
 import os
@@ -46,11 +47,8 @@ class CorrectGRPOTrainer(GRPOTrainer):
                                                                    self.accelerator.device.type == "cuda")
         if args.vllm_kv_cache_gib and not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.vllm_kv_cache_gib))
-        self.engine = Engine(self.engine_settings(), weights_fn=self.engine_weights,
-                             rank=self.accelerator.process_index, world_size=self.accelerator.num_processes)
-        self.engine.after_sync = self._after_sync
-        self.vllm_generation = self.engine  # TRL's loop calls sync_weights() and generate() on it
-        self._last_loaded_step = -1
+        self.engine = None
+        self.replace_engine(self.engine_settings())
         self.gate_report: GateReport | None = None
         self.tis_enabled = False  # only a passing gate switches it on
         self.step_records: list[dict] = []
@@ -58,6 +56,20 @@ class CorrectGRPOTrainer(GRPOTrainer):
         self._in_training = False
         self._last_sync_check: Check | None = None
         self._synced_step = -1  # optimizer step at which the engine last received the weights
+
+    def replace_engine(self, settings: EngineSettings) -> None:
+        """(Re)build the colocated engine with `settings`; the next sync gives it the trainer's weights."""
+        if self.engine is not None:
+            del self.engine.llm  # free the old engine (and its KV cache) before building the next
+            self.engine = self.vllm_generation = None
+            gc.collect()
+        self.engine = Engine(settings, weights_fn=self.engine_weights, rank=self.accelerator.process_index,
+                             world_size=self.accelerator.num_processes)
+        self.engine.after_sync = self._after_sync
+        self.engine.verify_after_sync = self.args.verify_weight_sync
+        self.block_size = self.engine.facts()["block_size"]
+        self.vllm_generation = self.engine  # TRL's loop calls sync_weights() and generate() on it
+        self._last_loaded_step = -1
 
     # -- hooks -----------------------------------------------------------------------------------------------------
     def engine_settings(self) -> EngineSettings:
@@ -91,17 +103,22 @@ class CorrectGRPOTrainer(GRPOTrainer):
         rows = [self.train_dataset[i]["prompt"] for i in range(min(self.args.probe_size, len(self.train_dataset)))]
         ids, _, _ = self._tokenize_prompts(rows)
         ids = [list(p) for p in ids]
-        if self.args.enable_prefix_caching:
+        if self.engine.settings.enable_prefix_caching:
             filler = [t for p in ids for t in p]
-            need = self.engine.facts()["block_size"] + 16
+            need = self.block_size + 16
             ids = [(filler * (need // max(len(filler), 1) + 1))[: max(need - len(p), 0)] + p for p in ids]
         return ids
 
     def on_gate_failure(self, report: GateReport, when: str) -> None:
-        """Apply the gate policy to a failed report: TIS goes off in every policy; enforce raises."""
+        """Apply the gate policy to a failed report: TIS goes off in every policy; enforce saves a checkpoint (when
+        training has started) and raises; warn warns loudly and trains on uncorrected; observe only logs."""
         self.tis_enabled = False
         self.failures.append({"step": self.state.global_step, "when": when, **report.to_dict()})
         if self.args.gate == "enforce":
+            if self._in_training:  # keep the work done before the fault: checkpoint, then stop
+                self._save_checkpoint(self.model, trial=None)
+                self.failures[-1]["checkpoint"] = os.path.join(self.args.output_dir,
+                                                               f"checkpoint-{self.state.global_step}")
             self.write_report()
             raise GateFailure(report, when)
         msg = f"trl-correct gate failed {when}; training continues WITHOUT importance-sampling correction.\n{report}"
@@ -127,7 +144,7 @@ class CorrectGRPOTrainer(GRPOTrainer):
             return
         checks = [self._last_sync_check] if self.args.verify_weight_sync else []
         every = self.args.probe_interval
-        if self.args.enable_prefix_caching or (every and self.state.global_step % every == 0):
+        if self.engine.settings.enable_prefix_caching or (every and self.state.global_step % every == 0):
             checks += self._probe_checks()[0]
         if every and self.state.global_step % every == 0:
             checks += static_checks(self.trainer_facts(), self.engine.facts())
@@ -147,6 +164,7 @@ class CorrectGRPOTrainer(GRPOTrainer):
         engine_lps = pad([torch.tensor(x, dtype=torch.float32) for x in engine_lps], padding_value=float("nan"),
                          padding_side="right").to(trainer_lps.device)
         r, nonfinite = valid_gaps(trainer_lps, engine_lps, mask)
+        self.last_probe_gaps = r.abs().float().cpu()  # the |Δlogp| distribution, for the doctor's plot
         return summarize_gaps(r, nonfinite)
 
     @torch.no_grad()
@@ -171,9 +189,10 @@ class CorrectGRPOTrainer(GRPOTrainer):
         cannot be cached (first token changed): passing there names the stale cache as the cause."""
         prompts = self.probe_prompts()
         stats = self.probe(prompts)
+        gaps = self.last_probe_gaps
         check = mismatch_check(stats, self.thresholds)
         checks = [check]
-        if self.args.enable_prefix_caching:
+        if self.engine.settings.enable_prefix_caching:
             if self.engine.last_reset_ok is False:
                 checks.append(Check("prefix_cache", False, "reset_prefix_cache() returned False after the sync: "
                                                            "vLLM refused to drop cached blocks",
@@ -188,6 +207,7 @@ class CorrectGRPOTrainer(GRPOTrainer):
                         f"{fresh['max_abs_logprob_diff']:.3g} on uncached ones: KV blocks computed with old weights "
                         "were reused after the sync", "set enable_prefix_caching: false (or make sure "
                                                       "reset_prefix_cache() runs after every weight load)"))
+        self.last_probe_gaps = gaps
         return checks, stats
 
     def run_gate(self) -> GateReport:

@@ -1,0 +1,171 @@
+"""`trl-correct doctor`: show, by ablation, why this recipe's trainer/engine pair can or cannot be trusted, and prove
+on this machine that the gate catches every known fault.
+
+    trl-correct doctor --config RECIPE [--json OUT] [--plot OUT.png] [--inject FAULT ...] [--selftest] [recipe flags]
+
+Builds the recipe's trainer and engine (no training), runs the gate clean, then once per ablated setting (each known
+fault of faults.py, plus async scheduling on), and prints one table. With --inject the report is the gate with those
+faults present. With --selftest every fault must be detected with its own cause. Exit code: 0 when the reported gate
+passes (--inject: when it fails with every injected fault's cause named; --selftest: clean passes and every
+applicable fault is detected with the right cause), 1 otherwise.
+"""
+
+import argparse
+import json
+import sys
+
+from .faults import FAULTS, run_with_faults
+from .numerics import MISMATCH_KEYS
+
+MISMATCH_OUT = [k for k in MISMATCH_KEYS if k != "n_nonfinite"]
+
+
+def _row(setting: str, report, gaps, note: str = "") -> dict:
+    m = report.mismatch
+    row = {"setting": setting, **{k: m.get(k) for k in MISMATCH_OUT},
+           "verdict": "pass" if report.passed else "fail", "causes": report.causes}
+    if note:
+        row["note"] = note
+    row["_gaps"] = gaps
+    return row
+
+
+def ablate(trainer, names, base, progress):
+    """The gate under each setting in `names` (fault names, or 'async_scheduling'); rows in order."""
+    import copy
+
+    rows = []
+    for name in names:
+        progress.set_description(f"probing {name}")
+        if name == "async_scheduling":
+            s = copy.deepcopy(base)
+            s.async_scheduling = True
+            try:
+                trainer.replace_engine(s)
+                report = trainer.run_gate()
+                ran = trainer.engine.facts()["async_scheduling"]
+                rows.append(_row("async scheduling on", report, trainer.last_probe_gaps,
+                                 "" if ran else "requested, but this engine runs without it (vLLM turned it off)"))
+            except Exception as e:  # an engine that refuses the setting is a finding, not a crash
+                rows.append({"setting": "async scheduling on", **{k: None for k in MISMATCH_OUT},
+                             "verdict": "unavailable", "causes": [], "note": f"{type(e).__name__}: {e}"[:200],
+                             "_gaps": None})
+        else:
+            why_not = FAULTS[name].applicable(trainer)
+            report = run_with_faults(trainer, [name], base)
+            rows.append(_row(name, report, trainer.last_probe_gaps, why_not or FAULTS[name].about))
+        progress.update(1)
+    return rows
+
+
+def table(rows) -> str:
+    head = ["setting", "mean |Δ|", "p99 |Δ|", "max |Δ|", "k3 KL", "ratio∉[0.8,1.25]", "tokens", "verdict"]
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for r in rows:
+        def f(k):
+            return "-" if r.get(k) is None else (f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]))
+        verdict = r["verdict"] + (f" ({', '.join(r['causes'])})" if r.get("causes") else "")
+        lines.append(" | ".join([r["setting"], f("mean_abs_logprob_diff"), f("p99_abs_logprob_diff"),
+                                 f("max_abs_logprob_diff"), f("kl_k3"), f("ratio_outside_frac"), f("n_tokens"),
+                                 verdict]))
+    return "\n".join(lines)
+
+
+def plot(rows, path: str, thresholds: dict | None = None) -> None:
+    """|Δlogp| per setting on a log scale: one horizontal strip of tokens per setting, median marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = [r for r in rows if r.get("_gaps") is not None and len(r["_gaps"])]
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(rows) + 1.6))
+    floor = 1e-9
+    rng = np.random.default_rng(0)
+    for i, r in enumerate(rows):
+        g = r["_gaps"].clamp(min=floor).numpy()
+        color = "tab:green" if r["verdict"] == "pass" else "tab:red"
+        jitter = i + rng.uniform(-0.3, 0.3, size=len(g))
+        ax.scatter(g, jitter, s=6, alpha=0.45, color=color, linewidths=0)
+        ax.plot([float(r["_gaps"].median().clamp(min=floor))] * 2, [i - 0.3, i + 0.3], color="black", lw=1.5)
+    if thresholds:
+        ax.axvline(thresholds["max_abs_logprob_diff"], color="tab:red", ls="--", lw=1, label="gate: max |Δ|")
+        ax.axvline(thresholds["mean_abs_logprob_diff"], color="tab:orange", ls=":", lw=1, label="gate: mean |Δ|")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([f"{r['setting']}  [{r['verdict']}]" for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("|trainer logprob − engine logprob| per probe token (log scale; black: median; exact 0 at 1e-9)")
+    ax.set_title("trl-correct doctor: mismatch by setting (green: gate passes, red: gate fails)")
+    ax.grid(axis="x", which="major", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="trl-correct doctor", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="recipe YAML (as for train)")
+    ap.add_argument("--json", help="write the report as JSON here")
+    ap.add_argument("--plot", help="write a PNG of |Δlogp| per setting here")
+    ap.add_argument("--inject", action="append", default=[], choices=sorted(FAULTS), metavar="FAULT",
+                    help=f"run the gate with this fault present (repeatable): {', '.join(sorted(FAULTS))}")
+    ap.add_argument("--selftest", action="store_true", help="clean run plus every fault; fails unless all are caught")
+    a, recipe_flags = ap.parse_known_args(argv)
+
+    import copy
+
+    from tqdm import tqdm
+
+    from .train import build_trainer
+
+    trainer = build_trainer(["--config", a.config, *recipe_flags])
+    base = copy.deepcopy(trainer.engine.settings)
+    settings = list(FAULTS) + ["async_scheduling"] if (a.selftest or not a.inject) else []
+    with tqdm(total=1 + len(settings) + bool(a.inject), desc="probing default", file=sys.stderr) as progress:
+        clean = trainer.run_gate()
+        rows = [_row("default (trl-correct)", clean, trainer.last_probe_gaps)]
+        progress.update(1)
+        rows += ablate(trainer, settings, base, progress)
+        report = clean
+        if a.inject:
+            progress.set_description(f"probing with {'+'.join(a.inject)}")
+            report = run_with_faults(trainer, a.inject, base)
+            rows.append(_row("injected: " + "+".join(a.inject), report, trainer.last_probe_gaps))
+            progress.update(1)
+
+    out = {"verdict": "pass" if report.passed else "fail", "checks": report.to_dict()["checks"],
+           "causes": report.causes, "mismatch": {k: report.mismatch.get(k) for k in MISMATCH_OUT},
+           "ablation": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]}
+    print(report.table())
+    print()
+    print(table(rows))
+    ok = report.passed if not a.inject else all(FAULTS[n].cause in report.causes for n in a.inject)
+    if a.selftest:
+        by_name = {r["setting"]: r for r in rows}
+        out["selftest"] = []
+        for name, fault in FAULTS.items():
+            r = by_name[name]
+            na = fault.applicable(trainer)
+            detected = None if na else fault.cause in r["causes"]
+            out["selftest"].append({"fault": name, "detected": detected, "causes": r["causes"],
+                                    "expected": fault.cause, **({"note": na} if na else {})})
+        print("\nselftest: fault -> detected -> causes")
+        for s in out["selftest"]:
+            mark = "n/a" if s["detected"] is None else ("yes" if s["detected"] else "NO")
+            print(f"  {s['fault']:<20} {mark:<4} {', '.join(s['causes']) or '-'}  (expected {s['expected']})")
+        ok = clean.passed and all(s["detected"] is not False for s in out["selftest"])
+        print(f"selftest {'PASSED' if ok else 'FAILED'}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=2, default=str)
+    if a.plot:
+        plot(rows, a.plot, trainer.thresholds)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Known trainer/engine faults, each injectable by name into a real trainer/engine pair, with the gate cause that
+must name it. Used by `trl-correct doctor --inject/--selftest` and by the tests.
+
+A fault either changes how the engine is built (`settings`: what a user or a default can get wrong) or breaks the
+live weight-update path of a built engine (`live`: what a bug does; these need a weight update to show, so the doctor
+perturbs the trainer's weights before re-running the gate). Nothing here imports vLLM directly.
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+PERTURB_REL = 1e-2  # simulated update: each tensor moves by 1e-2 of its own std (about one lr=1e-3 Adam step here)
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    cause: str  # the gate check that must fail
+    about: str
+    settings: Callable | None = None  # (EngineSettings, trainer) -> None, mutates the settings
+    live: Callable | None = None  # (trainer) -> None, breaks the built engine's update path
+
+    def applicable(self, trainer) -> str | None:
+        """None, or why this fault cannot show on this setup."""
+        if self.name == "raw_logprobs" and trainer.temperature == 1.0:
+            return "raw and processed logprobs are the same at temperature 1 with no other transform"
+        return None
+
+
+def _raw(s, t):
+    s.logprobs_mode = "raw_logprobs"
+
+
+def _dtype(s, t):
+    s.dtype = "bfloat16" if t.compute_dtype == "float32" else "float32"
+
+
+def _sampler(s, t):
+    s.generation_kwargs = {**s.generation_kwargs, "top_k": 5}  # reaches the engine only
+
+
+def _bf16_head(s, t):
+    s.head_dtype = "bfloat16"  # the trainer keeps its head (fp32 by default)
+
+
+def _caching(s, t):
+    s.enable_prefix_caching = True
+
+
+def _skip(t):
+    t.engine.load_weights = lambda pairs: [None for _ in pairs]  # streamed, never loaded
+
+
+def _partial(t):
+    names = [n for n, p in t.engine_weights() if p.dim() == 2]
+    victim = names[len(names) // 2]
+    real = t.engine.load_weights
+    t.engine.load_weights = lambda pairs: real((n, x) for n, x in pairs if n != victim)
+
+
+def _lying_reset(t):
+    t.engine.reset_prefix_cache = lambda: True  # reports success, drops nothing
+
+
+FAULTS = {f.name: f for f in (
+    Fault("raw_logprobs", "logprobs_mode", "engine returns raw logprobs (vLLM V1's default) at T != 1", settings=_raw),
+    Fault("dtype_mismatch", "dtype", "engine computes in another dtype than the trainer", settings=_dtype),
+    Fault("sampler_mismatch", "sampler", "top_k=5 reaches the engine only (generation_kwargs)", settings=_sampler),
+    Fault("bf16_head_one_side", "lm_head_dtype", "engine lm_head in bf16, trainer's in fp32", settings=_bf16_head),
+    Fault("skip_weight_sync", "weight_sync", "weights are streamed but never loaded into the engine", live=_skip),
+    Fault("partial_weight_sync", "weight_sync", "one tensor is left stale at every sync", live=_partial),
+    Fault("stale_prefix_cache", "prefix_cache", "prefix caching on, reset claims success and drops nothing",
+          settings=_caching, live=_lying_reset),
+)}
+
+
+def perturb_weights(trainer, rel: float = PERTURB_REL, seed: int = 0) -> None:
+    """Move every trainable tensor by `rel` of its std, as a training step would (the doctor does not train)."""
+    import torch
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for _, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters():
+            noise = torch.randn(p.shape, generator=gen).to(p.device, p.dtype)
+            p.add_(noise * (rel * float(p.float().std()) if p.numel() > 1 else rel))
+
+
+def run_with_faults(trainer, names: list[str], base_settings):
+    """Build the engine with the settings faults among `names`, gate once (clean update path), break the update
+    path with the live faults, perturb the weights, gate again. Returns the last gate's report (its probe's |Δlogp|
+    are in trainer.last_probe_gaps)."""
+    import copy
+
+    settings = copy.deepcopy(base_settings)
+    faults = [FAULTS[n] for n in names]
+    for f in faults:
+        if f.settings:
+            f.settings(settings, trainer)
+    trainer.replace_engine(settings)
+    report = trainer.run_gate()
+    live = [f for f in faults if f.live]
+    if live:
+        for f in live:
+            f.live(trainer)
+        perturb_weights(trainer)
+        report = trainer.run_gate()
+    return report
