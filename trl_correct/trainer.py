@@ -159,7 +159,7 @@ class CorrectGRPOTrainer(GRPOTrainer):
         """Engine samples from the probe prompts; the trainer scores the same tokens. Returns mismatch stats."""
         prompt_ids = self.probe_prompts() if prompt_ids is None else prompt_ids
         completion_ids, engine_lps = self.engine.sample(prompt_ids, max_tokens=self.args.probe_tokens,
-                                                        seed=PROBE_SEED)
+                                                        seed=PROBE_SEED + self.args.seed)
         trainer_lps, mask = self.score(prompt_ids, completion_ids)
         engine_lps = pad([torch.tensor(x, dtype=torch.float32) for x in engine_lps], padding_value=float("nan"),
                          padding_side="right").to(trainer_lps.device)
