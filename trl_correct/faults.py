@@ -9,7 +9,10 @@ perturbs the trainer's weights before re-running the gate). Nothing here imports
 from dataclasses import dataclass
 from typing import Callable
 
-PERTURB_REL = 1e-2  # simulated update: each tensor moves by 1e-2 of its own std (about one lr=1e-3 Adam step here)
+# Simulated update: each tensor moves by 0.1 of its own std, what many training steps do to a cache entry that is never
+# dropped. 1e-2 (about one lr=1e-3 step of the tiny model) leaves a stale cache inside bf16 noise: in bf16 on CPU the
+# cached-prefix probe then measured mean |Δ| 0.0062 against 0.0075 uncached; at 0.1, 0.033 against 0.007.
+PERTURB_REL = 0.1
 
 
 @dataclass(frozen=True)
