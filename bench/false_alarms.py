@@ -43,7 +43,9 @@ def main():
         base = t.engine.settings
         faults = {}
         if seed == 0:
-            for name in FAULTS:
+            for name, fault in FAULTS.items():
+                if fault.trainer_flags or fault.applicable(t):  # needs another trainer, or cannot show here
+                    continue
                 rep = run_with_faults(t, [name], base)
                 faults[name] = (rep.mismatch, FAULTS[name].cause in rep.causes)
             fault_rows = faults

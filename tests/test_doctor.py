@@ -33,9 +33,15 @@ def test_selftest_catches_every_fault_with_its_cause(tmp_path):
     assert all(MISMATCH | {"setting", "verdict"} <= set(r) for r in rep["ablation"])
     default = rep["ablation"][0]
     for row in rep["ablation"][1:len(FAULTS) + 1]:  # every fault is worse than the clean floor, and fails
+        if row["setting"] == "bf16_head_trainer_side":  # fp32 trainer: its head is fp32 anyway
+            assert row["verdict"] == "n/a" and "fp32" in row["note"]
+            continue
         assert row["verdict"] == "fail" and row["max_abs_logprob_diff"] > 100 * default["max_abs_logprob_diff"], row
     assert [s["fault"] for s in rep["selftest"]] == list(FAULTS)
     for s in rep["selftest"]:
+        if s["fault"] == "bf16_head_trainer_side":
+            assert s["detected"] is None
+            continue
         assert s["detected"] is True and s["expected"] in s["causes"], s
     assert "selftest PASSED" in p.stdout and png.stat().st_size > 20_000
 

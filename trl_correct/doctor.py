@@ -30,9 +30,11 @@ def _row(setting: str, report, gaps, note: str = "") -> dict:
     return row
 
 
-def ablate(trainer, names, base, progress):
+def ablate(trainer, names, base, progress, recipe_argv):
     """The gate under each setting in `names` (fault names, or 'async_scheduling'); rows in order."""
     import copy
+
+    from .train import build_trainer
 
     rows = []
     for name in names:
@@ -50,6 +52,16 @@ def ablate(trainer, names, base, progress):
                 rows.append({"setting": "async scheduling on", **{k: None for k in MISMATCH_OUT},
                              "verdict": "unavailable", "causes": [], "note": f"{type(e).__name__}: {e}"[:200],
                              "_gaps": None})
+        elif FAULTS[name].trainer_flags:  # the fault lives in how the trainer is built: build a second one
+            fault, why_not = FAULTS[name], FAULTS[name].applicable(trainer)
+            if why_not:
+                rows.append({"setting": name, **{k: None for k in MISMATCH_OUT}, "verdict": "n/a", "causes": [],
+                             "note": why_not, "_gaps": None})
+            else:
+                other = build_trainer([*recipe_argv, *fault.trainer_flags])
+                report = run_with_faults(other, [name], other.engine.settings)
+                rows.append(_row(name, report, other.last_probe_gaps, fault.about))
+                del other.engine.llm
         else:
             why_not = FAULTS[name].applicable(trainer)
             report = run_with_faults(trainer, [name], base)
@@ -115,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"run the gate with this fault present (repeatable): {', '.join(sorted(FAULTS))}")
     ap.add_argument("--selftest", action="store_true", help="clean run plus every fault; fails unless all are caught")
     a, recipe_flags = ap.parse_known_args(argv)
+    if any(FAULTS[n].trainer_flags for n in a.inject):
+        ap.error("--inject: bf16_head_trainer_side changes how the trainer is built; run it with --selftest, or "
+                 "pass --fp32_lm_head false yourself")
 
     import copy
 
@@ -122,14 +137,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from .train import build_trainer
 
-    trainer = build_trainer(["--config", a.config, *recipe_flags])
+    recipe_argv = ["--config", a.config, *recipe_flags]
+    trainer = build_trainer(recipe_argv)
     base = copy.deepcopy(trainer.engine.settings)
     settings = list(FAULTS) + ["async_scheduling"] if (a.selftest or not a.inject) else []
     with tqdm(total=1 + len(settings) + bool(a.inject), desc="probing default", file=sys.stderr) as progress:
         clean = trainer.run_gate()
         rows = [_row("default (trl-correct)", clean, trainer.last_probe_gaps)]
         progress.update(1)
-        rows += ablate(trainer, settings, base, progress)
+        rows += ablate(trainer, settings, base, progress, recipe_argv)
         report = clean
         if a.inject:
             progress.set_description(f"probing with {'+'.join(a.inject)}")

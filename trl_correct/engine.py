@@ -16,11 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-# vLLM CPU needs an explicit KV-cache size (GiB) and, for in-process use (collective_rpc with a callable, colocated
-# weight loads), V1 multiprocessing off. Set before vllm is imported; a user's own values are kept.
+# In-process use (collective_rpc with a callable, colocated weight loads) needs V1 multiprocessing off. Set before
+# vllm is imported; a user's own value is kept.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-if not torch.cuda.is_available():
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from vllm import LLM, SamplingParams  # noqa: E402
 
@@ -45,6 +43,7 @@ class EngineSettings:
     tensor_parallel_size: int = 1
     enable_sleep_mode: bool = False
     trust_remote_code: bool = False
+    cpu_kv_cache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE unless set; vLLM caches env values after its first engine
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -125,6 +124,8 @@ class Engine:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + (os.getpid() % 2000)))
         s = settings
+        if not torch.cuda.is_available():
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{s.cpu_kv_cache_gib:g}")
         kwargs = dict(model=s.model, dtype=s.dtype, logprobs_mode=s.logprobs_mode,
                       enable_prefix_caching=s.enable_prefix_caching, async_scheduling=s.async_scheduling,
                       distributed_executor_backend="external_launcher", seed=s.seed,

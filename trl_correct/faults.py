@@ -22,11 +22,14 @@ class Fault:
     about: str
     settings: Callable | None = None  # (EngineSettings, trainer) -> None, mutates the settings
     live: Callable | None = None  # (trainer) -> None, breaks the built engine's update path
+    trainer_flags: tuple = ()  # recipe flags for a trainer built with the fault (the doctor builds a second one)
 
     def applicable(self, trainer) -> str | None:
         """None, or why this fault cannot show on this setup."""
         if self.name == "raw_logprobs" and trainer.temperature == 1.0:
             return "raw and processed logprobs are the same at temperature 1 with no other transform"
+        if self.name == "bf16_head_trainer_side" and trainer.compute_dtype == "float32":
+            return "the trainer computes in fp32, so its head is fp32 whatever fp32_lm_head says"
         return None
 
 
@@ -44,6 +47,10 @@ def _sampler(s, t):
 
 def _bf16_head(s, t):
     s.head_dtype = "bfloat16"  # the trainer keeps its head (fp32 by default)
+
+
+def _fp32_engine_head(s, t):
+    s.head_dtype = "float32"  # the engine keeps an fp32 head while the trainer's runs in the compute dtype
 
 
 def _caching(s, t):
@@ -70,6 +77,8 @@ FAULTS = {f.name: f for f in (
     Fault("dtype_mismatch", "dtype", "engine computes in another dtype than the trainer", settings=_dtype),
     Fault("sampler_mismatch", "sampler", "top_k=5 reaches the engine only (generation_kwargs)", settings=_sampler),
     Fault("bf16_head_one_side", "lm_head_dtype", "engine lm_head in bf16, trainer's in fp32", settings=_bf16_head),
+    Fault("bf16_head_trainer_side", "lm_head_dtype", "trainer lm_head in the compute dtype, engine's in fp32",
+          settings=_fp32_engine_head, trainer_flags=("--fp32_lm_head", "false")),
     Fault("skip_weight_sync", "weight_sync", "weights are streamed but never loaded into the engine", live=_skip),
     Fault("partial_weight_sync", "weight_sync", "one tensor is left stale at every sync", live=_partial),
     Fault("stale_prefix_cache", "prefix_cache", "prefix caching on, reset claims success and drops nothing",

@@ -48,8 +48,6 @@ class CorrectGRPOTrainer(GRPOTrainer):
         self.compute_dtype = self._compute_dtype()
         self.thresholds, self.thresholds_reason = args.thresholds(self.compute_dtype,
                                                                    self.accelerator.device.type == "cuda")
-        if args.vllm_kv_cache_gib and not torch.cuda.is_available():
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.vllm_kv_cache_gib))
         self.engine = None
         self.replace_engine(self.engine_settings())
         self.gate_report: GateReport | None = None
@@ -86,6 +84,7 @@ class CorrectGRPOTrainer(GRPOTrainer):
             fp32_lm_head=a.fp32_lm_head, seed=self.accelerator.process_index, max_model_len=a.vllm_max_model_length,
             max_num_seqs=max(a.probe_size, a.per_device_train_batch_size * a.steps_per_generation),
             gpu_memory_utilization=a.vllm_gpu_memory_utilization, trust_remote_code=a.trust_remote_code,
+            cpu_kv_cache_gib=a.vllm_kv_cache_gib,
             temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p or 0.0,
             repetition_penalty=self.repetition_penalty, max_tokens=self.max_completion_length,
             generation_kwargs=dict(a.generation_kwargs or {}))
