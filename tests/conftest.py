@@ -44,3 +44,18 @@ def make_trainer(tiny_dir, tmp_path):
         del t.engine.llm, t.engine, t.vllm_generation
     made.clear()
     gc.collect()
+
+
+@pytest.fixture(scope="session")
+def tied_dir(tiny_dir, tmp_path_factory):
+    """The tiny model with tied input/output embeddings, as most small Qwen2.5/Qwen3 checkpoints have."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tied")
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(out)
+    return str(out)

@@ -240,3 +240,24 @@ def test_model_generation_defaults_are_reported(make_trainer, tiny_dir, tmp_path
     check = next(c for c in trainer.run_gate().checks if c.name == "generation_config")
     assert check.passed and "top_k" in check.detail and "0.6" in check.detail, check
     assert trainer.engine.facts()["top_k"] == 0  # the config's value rules on both sides
+
+
+def test_tied_head_tracks_trainer_after_updates(make_trainer, tied_dir):
+    trainer = make_trainer(model=tied_dir, max_steps=3)
+    assert trainer.engine.head_source == "model.embed_tokens.weight"  # the engine's head reads the embedding
+    trainer.train()
+    gaps = [r["max_abs_logprob_diff"] for r in trainer.step_records]
+    assert not trainer.failures and max(gaps) < FP32_TOL, gaps
+
+
+def test_tied_head_left_stale_is_a_weight_sync_failure(make_trainer, tied_dir):
+    # vLLM's reload re-processes only the module a weight is loaded through; on CPU the tied head keeps a packed
+    # copy of the old embedding unless trl-correct refreshes it (measured: mean |Δ| 0.022 after one update)
+    trainer = make_trainer(model=tied_dir, max_steps=3)
+    trainer.engine.refresh_shared = lambda: None
+    with pytest.raises(GateFailure) as e:
+        trainer.train()
+    bad = failing(e.value.report)
+    assert list(bad) == ["weight_sync"] and "lm_head:effective" in bad["weight_sync"], bad
+    # caught at the first sync after the weights changed (step 0 may have no gradient: all rewards equal)
+    assert trainer.state.global_step <= 2
