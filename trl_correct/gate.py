@@ -8,8 +8,6 @@ Check names: logprobs_mode, dtype, lm_head_dtype, sampler, generation_config, pr
 weight_sync, mismatch.
 """
 
-import json
-import math
 from dataclasses import asdict, dataclass, field
 
 from .numerics import within
@@ -168,12 +166,3 @@ def mismatch_check(stats: dict, thresholds: dict, label: str = "probe") -> Check
     return Check("mismatch", not over, summary + ("" if not over else "; over threshold: " + ", ".join(over)),
                  "" if not over else "find the failing static check above; if all pass, compare dtypes and "
                                      "kernels, or loosen the thresholds only with a measured reason")
-
-
-def finite_dict(d: dict) -> dict:
-    """JSON-safe copy (NaN/inf become strings)."""
-    return {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in d.items()}
-
-
-def dumps(obj) -> str:
-    return json.dumps(obj, indent=2, default=str)
