@@ -36,7 +36,9 @@ def test_selftest_catches_every_fault_with_its_cause(tmp_path):
         if row["setting"] == "bf16_head_trainer_side":  # fp32 trainer: its head is fp32 anyway
             assert row["verdict"] == "n/a" and "fp32" in row["note"]
             continue
-        assert row["verdict"] == "fail" and row["max_abs_logprob_diff"] > 100 * default["max_abs_logprob_diff"], row
+        # a partly reloaded layer holds uninitialised memory: the engine may then emit no token at all (n_tokens 0)
+        moved = row["max_abs_logprob_diff"] > 100 * default["max_abs_logprob_diff"] or row["n_tokens"] == 0
+        assert row["verdict"] == "fail" and moved, row
     assert [s["fault"] for s in rep["selftest"]] == list(FAULTS)
     for s in rep["selftest"]:
         if s["fault"] == "bf16_head_trainer_side":

@@ -62,8 +62,11 @@ def _skip(t):
 
 
 def _partial(t):
-    names = [n for n, p in t.engine_weights() if p.dim() == 2]
-    victim = names[len(names) // 2]
+    # the last 2-D weight that is not the embedding or head: a whole engine layer of its own in Llama/Qwen-style
+    # models (mlp.down_proj), so it stays stale and valid. A weight fused with others (q_proj in qkv_proj) would leave
+    # the fused layer half-loaded, which vLLM's layerwise reload fills with uninitialised memory.
+    names = [n for n, p in t.engine_weights() if p.dim() == 2 and "embed" not in n and "lm_head" not in n]
+    victim = names[-1]
     real = t.engine.load_weights
     t.engine.load_weights = lambda pairs: real((n, x) for n, x in pairs if n != victim)
 
