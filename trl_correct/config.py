@@ -13,6 +13,7 @@ from trl import GRPOConfig
 
 from .numerics import TIS_MODES
 
+
 def _has_gpu() -> bool:
     import torch
 
@@ -136,5 +137,7 @@ class CorrectGRPOConfig(GRPOConfig):
                 "max_abs_logprob_diff": self.max_max_abs_logprob_diff, "kl_k3": self.max_kl_k3}
         set_by_user = {k: v for k, v in user.items() if v is not None}
         base.update(set_by_user)
-        reason = f"defaults for {compute_dtype}{' on GPU' if gpu_fp32 else ''}" + (f", user set {sorted(set_by_user)}" if set_by_user else "")
+        reason = f"defaults for {compute_dtype}{' on GPU' if gpu_fp32 else ''}"
+        if set_by_user:
+            reason += f", user set {sorted(set_by_user)}"
         return base, reason

@@ -30,6 +30,12 @@ def _row(setting: str, report, gaps, note: str = "") -> dict:
     return row
 
 
+def _blank_row(setting: str, verdict: str, note: str) -> dict:
+    """A row for a setting that could not be measured here."""
+    return {"setting": setting, **{k: None for k in MISMATCH_OUT}, "verdict": verdict, "causes": [], "note": note,
+            "_gaps": None}
+
+
 def ablate(trainer, names, base, progress, recipe_argv):
     """The gate under each setting in `names` (fault names, or 'async_scheduling'); rows in order."""
     import copy
@@ -49,14 +55,11 @@ def ablate(trainer, names, base, progress, recipe_argv):
                 rows.append(_row("async scheduling on", report, trainer.last_probe_gaps,
                                  "" if ran else "requested, but this engine runs without it (vLLM turned it off)"))
             except Exception as e:  # an engine that refuses the setting is a finding, not a crash
-                rows.append({"setting": "async scheduling on", **{k: None for k in MISMATCH_OUT},
-                             "verdict": "unavailable", "causes": [], "note": f"{type(e).__name__}: {e}"[:200],
-                             "_gaps": None})
+                rows.append(_blank_row("async scheduling on", "unavailable", f"{type(e).__name__}: {e}"[:200]))
         elif FAULTS[name].trainer_flags:  # the fault lives in how the trainer is built: build a second one
             fault, why_not = FAULTS[name], FAULTS[name].applicable(trainer)
             if why_not:
-                rows.append({"setting": name, **{k: None for k in MISMATCH_OUT}, "verdict": "n/a", "causes": [],
-                             "note": why_not, "_gaps": None})
+                rows.append(_blank_row(name, "n/a", why_not))
             else:
                 other = build_trainer([*recipe_argv, *fault.trainer_flags])
                 report = run_with_faults(other, [name], other.engine.settings)

@@ -91,11 +91,15 @@ def _applied_weight(module, param: torch.Tensor) -> torch.Tensor:
     return torch.cat([module.quant_method.apply(module, eye[i:i + 1024]) for i in range(0, n_in, 1024)])
 
 
+def _model(worker):
+    return worker.model_runner.get_model() if hasattr(worker.model_runner, "get_model") else worker.model_runner.model
+
+
 @torch.no_grad()
 def _engine_fingerprint(worker) -> tuple[dict, dict, str | None]:
     """Fingerprint every engine parameter (a packed linear through the layer itself) plus the lm_head as applied.
     Returns (fingerprint, dtype per group, name of the parameter that feeds the head)."""
-    model = worker.model_runner.get_model() if hasattr(worker.model_runner, "get_model") else worker.model_runner.model
+    model = _model(worker)
     pairs, dtypes, names = [], {}, {}
     for mod_name, module in model.named_modules():
         for leaf, p in module.named_parameters(recurse=False):
@@ -116,23 +120,22 @@ def _engine_fingerprint(worker) -> tuple[dict, dict, str | None]:
 
 
 @torch.no_grad()
-def _refresh_shared(worker) -> int:
+def _refresh_shared(worker) -> None:
     """Re-run post-load processing of every module that shares a parameter with another (a tied lm_head).
     vLLM's reload re-processes only the module a weight was loaded through: on CPU a tied head kept its packed copy
     of the old embedding (measured: tiny tied model, fp32, mean |Δlogp| 0.022 after one update, weights 'in sync')."""
-    model = worker.model_runner.get_model() if hasattr(worker.model_runner, "get_model") else worker.model_runner.model
+    model = _model(worker)
     owners = defaultdict(list)
     for _, module in model.named_modules():
         for _, p in module.named_parameters(recurse=False):
             owners[id(p)].append(module)
-    done = 0
     for modules in owners.values():
-        for m in modules if len(modules) > 1 else ():
+        if len(modules) < 2:
+            continue
+        for m in modules:
             method = getattr(m, "quant_method", None)
             if method is not None and hasattr(method, "process_weights_after_loading"):
                 method.process_weights_after_loading(m)
-                done += 1
-    return done
 
 
 def stale_groups(got: dict, expected: dict) -> list[str]:
@@ -184,6 +187,7 @@ class Engine:
             kwargs["hf_overrides"] = {"head_dtype": head}
         self.llm = LLM(**kwargs)
         _, self.param_dtypes, self.head_source = self._rpc(_engine_fingerprint)
+        self.generation_defaults = model_generation_defaults(s.model, s.trust_remote_code)  # read once: file I/O
 
     # -- facts -----------------------------------------------------------------------------------------------------
     def sampling_params(self, max_tokens: int | None = None, **overrides) -> SamplingParams:
@@ -200,7 +204,6 @@ class Engine:
         mc = cfg.model_config
         sp = self.sampling_params()
         head = getattr(mc, "head_dtype", mc.dtype)
-        gen = model_generation_defaults(self.settings.model, self.settings.trust_remote_code)
         return dict(
             compute_dtype=str(mc.dtype).removeprefix("torch."), head_dtype=str(head).removeprefix("torch."),
             head_dtype_supported=head_dtype_supported(), logprobs_mode=str(mc.logprobs_mode),
@@ -208,7 +211,7 @@ class Engine:
             async_scheduling=bool(getattr(cfg.scheduler_config, "async_scheduling", False)),
             temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, min_p=sp.min_p,
             repetition_penalty=sp.repetition_penalty, presence_penalty=sp.presence_penalty,
-            frequency_penalty=sp.frequency_penalty, generation_config=gen,
+            frequency_penalty=sp.frequency_penalty, generation_config=self.generation_defaults,
             block_size=cfg.cache_config.block_size, vllm_version=_vllm_version())
 
     # -- weights ---------------------------------------------------------------------------------------------------

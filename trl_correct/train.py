@@ -55,20 +55,19 @@ def resolve_model(name: str | None) -> str:
     return name
 
 
-def build_trainer(argv: list[str] | None = None, cls=None):
+def build_trainer(argv: list[str] | None = None):
     """Parse a recipe plus flags (as the main job does) and build the trainer; nothing is trained yet."""
     parser = TrlParser((TrainScriptArguments, CorrectGRPOConfig, ModelConfig))
     script_args, args, model_args = parser.parse_args_and_config(args=argv)
     from .trainer import CorrectGRPOTrainer
 
-    cls = cls or CorrectGRPOTrainer
     init = dict(args.model_init_kwargs or {})
     if model_args.dtype is not None:
         init.setdefault("dtype", model_args.dtype)
     args.model_init_kwargs = init
-    return cls(model=resolve_model(model_args.model_name_or_path),
-               reward_funcs=[load_reward(r) for r in script_args.reward_funcs], args=args,
-               train_dataset=load_prompts(script_args))
+    return CorrectGRPOTrainer(model=resolve_model(model_args.model_name_or_path),
+                              reward_funcs=[load_reward(r) for r in script_args.reward_funcs], args=args,
+                              train_dataset=load_prompts(script_args))
 
 
 def main(argv: list[str] | None = None):
