@@ -12,6 +12,7 @@ from typing import Literal
 from trl import GRPOConfig
 
 from .numerics import TIS_MODES
+from .sampler import SamplerSpec
 
 
 def _has_gpu() -> bool:
@@ -34,6 +35,11 @@ DEFAULT_THRESHOLDS = {
 # (vLLM's fp32 GPU kernels are not HF's); a bf16 engine against that fp32 trainer measured mean 5.6e-3, k3 3.0e-5.
 GPU_FP32_THRESHOLDS = dict(mean_abs_logprob_diff=2e-3, max_abs_logprob_diff=3e-2, kl_k3=1e-5)
 _TRL_DEFAULTS = dict(vllm_importance_sampling_mode="sequence_mask", vllm_importance_sampling_clip_max=3.0)
+SAMPLER_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                  "frequency_penalty")
+# Field values that mean "not set": sampler_defaults=model fills these from the model's generation_config.
+UNSET_SAMPLER = dict(temperature=1.0, top_k=(0, -1, None), top_p=1.0, min_p=(0.0, None), repetition_penalty=1.0,
+                     presence_penalty=0.0, frequency_penalty=0.0)
 
 
 @dataclass
@@ -75,6 +81,13 @@ class CorrectGRPOConfig(GRPOConfig):
     probe_interval: int = field(default=0, metadata={
         "help": "Re-run the full gate (static checks and probe) every N optimizer steps; 0: before step 0 only "
                 "(and after every sync when prefix caching is on). The real batch is checked every step anyway."})
+    presence_penalty: float = field(default=0.0, metadata={
+        "help": "vLLM presence penalty, applied by the engine and reproduced by the trainer's scoring (0: off)."})
+    frequency_penalty: float = field(default=0.0, metadata={
+        "help": "vLLM frequency penalty, applied by the engine and reproduced by the trainer's scoring (0: off)."})
+    sampler_defaults: Literal["config", "model"] = field(default="config", metadata={
+        "help": "config: the sampler settings are this config's, on both sides. model: sampler fields left unset "
+                "here take the model's generation_config.json values (e.g. Qwen's top_k/top_p), on both sides."})
     vllm_kv_cache_gib: float = field(default=1.0, metadata={
         "help": "KV cache size in GiB for vLLM on CPU (VLLM_CPU_KVCACHE_SPACE); ignored on GPU."})
     use_vllm: bool = field(default=True, metadata={"help": "Always true: trl-correct generates with vLLM."})
@@ -112,6 +125,22 @@ class CorrectGRPOConfig(GRPOConfig):
         if self.cast_lm_head_to_fp32 and not self.fp32_lm_head:
             bad("cast_lm_head_to_fp32", "it contradicts fp32_lm_head: false; set fp32_lm_head instead")
         self.cast_lm_head_to_fp32 = self.fp32_lm_head
+        sampler_kw = sorted(set(self.generation_kwargs or {}) & set(SAMPLER_FIELDS))
+        if sampler_kw:
+            bad("generation_kwargs", f"it sets {', '.join(sampler_kw)}, which would reach the engine only; set "
+                                     f"{', '.join(sampler_kw)} as config fields so both sides apply them")
+        if not 0.0 < self.top_p <= 1.0:
+            bad("top_p", "use a value in (0, 1]; 1.0 turns top-p off")
+        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
+            bad("min_p", "use a value in [0, 1]; 0 turns min-p off")
+        if self.top_k is not None and self.top_k < -1:
+            bad("top_k", "use a positive k, or 0 / -1 to turn top-k off")
+        if not self.repetition_penalty > 0.0:
+            bad("repetition_penalty", "use a value > 0; 1.0 turns it off")
+        if not self.temperature > 0.0:
+            bad("temperature", "GRPO samples: use a temperature > 0 (e.g. 1.0)")
+        if self.sampler_defaults not in ("config", "model"):
+            bad("sampler_defaults", "use config or model")
         for name in ("probe_size", "probe_tokens"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
@@ -127,6 +156,26 @@ class CorrectGRPOConfig(GRPOConfig):
             # several ranks and no GPU: without use_cpu accelerate would run each rank as a lone process
             self.use_cpu = True
         super().__post_init__()
+
+    def apply_model_sampler_defaults(self, model_defaults: dict) -> dict:
+        """Under sampler_defaults=model, fill the sampler fields left unset with the model's generation_config
+        values; returns what was applied. A field set here is never changed."""
+        if self.sampler_defaults != "model":
+            return {}
+        applied = {}
+        for k, v in model_defaults.items():
+            unset = UNSET_SAMPLER[k] if isinstance(UNSET_SAMPLER[k], tuple) else (UNSET_SAMPLER[k],)
+            if v is not None and getattr(self, k) in unset and v not in unset:
+                setattr(self, k, v)
+                applied[k] = v
+        return applied
+
+    def sampler_spec(self, order: tuple | None = None) -> SamplerSpec:
+        """The one sampler both sides use (engine: SamplingParams; trainer: the processed head)."""
+        kw = dict(temperature=self.temperature, top_k=self.top_k or 0, top_p=self.top_p, min_p=self.min_p or 0.0,
+                  repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                  frequency_penalty=self.frequency_penalty)
+        return SamplerSpec(**kw, **({"order": tuple(order)} if order else {}))
 
     def thresholds(self, compute_dtype: str, on_gpu: bool = False) -> tuple[dict, str]:
         """Gate thresholds and where they came from (value with reason)."""

@@ -22,7 +22,19 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 from vllm import LLM, SamplingParams  # noqa: E402
 
+from .sampler import VLLM_V1_ORDER, SamplerSpec  # noqa: E402
+
 FINGERPRINT_RTOL = 1e-9  # float64 sums of identical values in another order differ by ~1e-15 relative
+# SamplingParams fields that change the sampled distribution in ways the trainer does not reproduce (vLLM 0.31:
+# applied before the penalties, or by structured decoding).
+UNREPRODUCED_KWARGS = ("logit_bias", "allowed_token_ids", "bad_words", "min_tokens", "logits_processors",
+                       "structured_outputs", "guided_decoding")
+
+
+def sampler_order() -> tuple:
+    """The order the installed vLLM applies its sampler transforms in (vllm/v1/sample/sampler.py: penalties,
+    temperature, argmax-invariant processors (min_p), top-k/top-p). Same from 0.26 through 0.31."""
+    return VLLM_V1_ORDER
 
 
 @dataclass
@@ -44,11 +56,7 @@ class EngineSettings:
     enable_sleep_mode: bool = False
     trust_remote_code: bool = False
     cpu_kv_cache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE unless set; vLLM caches env values after its first engine
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)  # the same object the trainer scores with
     max_tokens: int = 16
     generation_kwargs: dict = field(default_factory=dict)
 
@@ -192,8 +200,10 @@ class Engine:
     # -- facts -----------------------------------------------------------------------------------------------------
     def sampling_params(self, max_tokens: int | None = None, **overrides) -> SamplingParams:
         s = self.settings
-        kw = dict(n=1, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p,
-                  repetition_penalty=s.repetition_penalty, max_tokens=max_tokens or s.max_tokens, logprobs=0)
+        sp = s.sampler
+        kw = dict(n=1, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, min_p=sp.min_p,
+                  repetition_penalty=sp.repetition_penalty, presence_penalty=sp.presence_penalty,
+                  frequency_penalty=sp.frequency_penalty, max_tokens=max_tokens or s.max_tokens, logprobs=0)
         kw.update(s.generation_kwargs)
         kw.update(overrides)
         return SamplingParams(**kw)
@@ -212,6 +222,8 @@ class Engine:
             temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, min_p=sp.min_p,
             repetition_penalty=sp.repetition_penalty, presence_penalty=sp.presence_penalty,
             frequency_penalty=sp.frequency_penalty, generation_config=self.generation_defaults,
+            sampler_order=list(sampler_order()),
+            unreproduced={k: v for k, v in self.settings.generation_kwargs.items() if k in UNREPRODUCED_KWARGS and v},
             block_size=cfg.cache_config.block_size, vllm_version=_vllm_version())
 
     # -- weights ---------------------------------------------------------------------------------------------------
@@ -292,7 +304,7 @@ def model_generation_defaults(model: str, trust_remote_code: bool = False) -> di
         cfg = GenerationConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):  # no generation_config.json: nothing to report
         return {}
-    keys = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+    keys = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
     return {k: getattr(cfg, k) for k in keys if k in cfg.to_diff_dict()}
 
 

@@ -42,7 +42,9 @@ def _dtype(s, t):
 
 
 def _sampler(s, t):
-    s.generation_kwargs = {**s.generation_kwargs, "top_k": 5}  # reaches the engine only
+    from dataclasses import replace
+
+    s.sampler = replace(s.sampler, top_k=5)  # reaches the engine only (e.g. a subclass editing engine_settings)
 
 
 def _bf16_head(s, t):
@@ -78,7 +80,7 @@ def _lying_reset(t):
 FAULTS = {f.name: f for f in (
     Fault("raw_logprobs", "logprobs_mode", "engine returns raw logprobs (vLLM V1's default) at T != 1", settings=_raw),
     Fault("dtype_mismatch", "dtype", "engine computes in another dtype than the trainer", settings=_dtype),
-    Fault("sampler_mismatch", "sampler", "top_k=5 reaches the engine only (generation_kwargs)", settings=_sampler),
+    Fault("sampler_mismatch", "sampler", "top_k=5 reaches the engine only", settings=_sampler),
     Fault("bf16_head_one_side", "lm_head_dtype", "engine lm_head in bf16, trainer's in fp32", settings=_bf16_head),
     Fault("bf16_head_trainer_side", "lm_head_dtype", "trainer lm_head in the compute dtype, engine's in fp32",
           settings=_fp32_engine_head, trainer_flags=("--fp32_lm_head", "false")),

@@ -5,7 +5,7 @@ trainer.py the trainer's). Nothing here imports vLLM or TRL, so every check is t
 A failed check's `name` is the *cause* reported everywhere (logs, exceptions, correctness_report.json).
 
 Check names: logprobs_mode, dtype, lm_head_dtype, sampler, generation_config, prefix_cache, async_scheduling,
-weight_sync, mismatch.
+weight_sync, mismatch, sampler_support.
 """
 
 from dataclasses import asdict, dataclass, field
@@ -111,20 +111,39 @@ def static_checks(trainer: dict, engine: dict) -> list[Check]:
 
     diffs = [f"{f}: trainer {trainer.get(f, NEUTRAL.get(f))} vs engine {engine.get(f, NEUTRAL.get(f))}"
              for f in SAMPLER_FIELDS if _norm(f, trainer.get(f)) != _norm(f, engine.get(f))]
+    fix = "set sampler settings once, as config fields (temperature, top_k, top_p, min_p, repetition_penalty, " \
+          "presence_penalty, frequency_penalty), never in generation_kwargs or on one side only"
+    if engine.get("unreproduced"):
+        diffs.append(f"engine applies {sorted(engine['unreproduced'])} (generation_kwargs), which the trainer does "
+                     "not reproduce")
+        fix = "remove " + ", ".join(sorted(engine["unreproduced"])) + " from generation_kwargs"
+    if trainer.get("sampler_unreproducible"):
+        diffs.append(f"trainer cannot reproduce the transform: {trainer['sampler_unreproducible']}")
+        fix = "use a sampler with temperature only for this model (top_k 0, top_p 1, min_p 0, no penalties)"
+    if "sampler_order" in trainer and list(trainer["sampler_order"]) != list(engine.get("sampler_order", [])):
+        diffs.append(f"engine applies {engine.get('sampler_order')}, trainer reproduces {trainer['sampler_order']}")
+        fix = "use a vLLM whose sampler order trl-correct knows (0.26-0.31)"
     checks.append(Check("sampler", not diffs,
                         "; ".join(diffs) if diffs else
                         f"both sides sample/score at temperature={t_temp:g}"
-                        + (f" with {', '.join(transforms)}" if transforms else ", no other transform"),
-                        "" if not diffs else "set sampler settings once in the config (temperature, top_k, top_p, "
-                                             "min_p, repetition_penalty), not in generation_kwargs; the trainer "
-                                             "scores with temperature only, so leave the others neutral"))
+                        + (f" with {', '.join(transforms)} (trainer reproduces the engine's transform)"
+                           if transforms else ", no other transform"),
+                        "" if not diffs else fix))
 
     gen = engine.get("generation_config") or {}
-    ignored = {k: v for k, v in gen.items() if k in SAMPLER_FIELDS and _norm(k, v) != _norm(k, engine.get(k))}
-    checks.append(Check("generation_config", True,
-                        "model generation_config defaults not in effect on either side (the config's values are "
-                        f"used on both): {ignored}" if ignored else
-                        "model generation_config sets no sampler default that differs from the config"))
+    applied = trainer.get("sampler_defaults_applied") or {}
+    wrong = {k: engine.get(k) for k, v in applied.items() if _norm(k, v) != _norm(k, engine.get(k))}
+    ignored = {k: v for k, v in gen.items()
+               if k in SAMPLER_FIELDS and k not in applied and _norm(k, v) != _norm(k, engine.get(k))}
+    detail = (f"model generation_config defaults in effect on both sides: {applied}" if applied else
+              "model generation_config sets no sampler default that differs from the config")
+    if ignored:
+        detail = ("model generation_config defaults not in effect on either side (the config's values are used on "
+                  f"both): {ignored}" + (f"; in effect: {applied}" if applied else ""))
+    if wrong:
+        detail = f"model generation_config defaults {applied} applied by the trainer, engine uses {wrong}"
+    checks.append(Check("generation_config", not wrong, detail,
+                        "" if not wrong else "build the engine from the trainer's sampler (engine_settings)"))
 
     if not engine["prefix_caching"]:
         checks.append(Check("prefix_cache", True, "prefix caching off"))
@@ -150,6 +169,17 @@ def weight_sync_check(stale: list[str], version: int) -> Check:
                                        f"parameter group(s): {shown}",
                  "the weight update did not reach the engine: check the weight names and the load path "
                  "(trl-correct loads through vLLM's reload_weights)")
+
+
+def support_check(n_outside: int, label: str = "probe") -> Check:
+    """`n_outside` engine-sampled tokens lie outside the trainer's kept set (top-k/top-p/min-p): the two sides do
+    not sample from the same support."""
+    return Check("sampler_support", not n_outside,
+                 f"{label}: {n_outside} token(s) the engine sampled are outside the trainer's kept set "
+                 "(probability 0 under the trainer's transform)" if n_outside else f"{label}: every sampled token "
+                 "is inside the trainer's kept set",
+                 "" if not n_outside else "the engine and trainer filter differently: compare top_k/top_p/min_p "
+                                          "and the penalties on both sides (sampler check), then the logits")
 
 
 def mismatch_check(stats: dict, thresholds: dict, label: str = "probe") -> Check:

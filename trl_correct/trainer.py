@@ -5,6 +5,8 @@ Overrides (each calls super() and post-processes):
 - train: runs the gate before step 0, switches TIS on only if it passes, writes correctness_report.json at the end.
 - _generate_and_score_completions: measures mismatch on the real batch every step and applies our TIS weights
   (all ones until the gate has passed).
+- (not a method) when the sampler does more than temperature, the policy's fused LM head is wrapped by head.py so
+  every trainer logprob is taken under the engine's exact transform.
 Hooks for subclasses: engine_settings(), engine_weights(), trainer_facts(), probe_prompts(), on_gate_failure().
 """
 
@@ -20,9 +22,11 @@ from trl import GRPOTrainer
 from trl.trainer.utils import pad
 
 from .config import CorrectGRPOConfig
-from .engine import Engine, EngineSettings
-from .gate import Check, GateFailure, GateReport, mismatch_check, static_checks, weight_sync_check
+from .engine import Engine, EngineSettings, model_generation_defaults, sampler_order
+from .gate import Check, GateFailure, GateReport, mismatch_check, static_checks, support_check, weight_sync_check
+from .head import add_processed_head, reproducible
 from .numerics import is_weights, per_token, summarize_gaps, valid_gaps, weight_stats
+from .sampler import OUTSIDE_LOGPROB
 
 logger = logging.getLogger("trl_correct")
 PROBE_SEED = 1234
@@ -37,6 +41,12 @@ class CorrectGRPOTrainer(GRPOTrainer):
         if not isinstance(args, CorrectGRPOConfig):
             raise TypeError("args must be a CorrectGRPOConfig (trl_correct.CorrectGRPOConfig), got "
                             f"{type(args).__name__}")
+        path = model if isinstance(model, str) else getattr(model, "name_or_path", "")
+        self.sampler_defaults_applied = args.apply_model_sampler_defaults(
+            model_generation_defaults(path, args.trust_remote_code) if path else {})
+        if self.sampler_defaults_applied:
+            logger.info("trl-correct: sampler settings from the model's generation_config: %s",
+                        self.sampler_defaults_applied)
         args.use_vllm = False  # the parent would build stock TRL's engine; ours replaces it below
         try:
             super().__init__(model, reward_funcs, args=args, **kwargs)
@@ -45,6 +55,11 @@ class CorrectGRPOTrainer(GRPOTrainer):
         self.use_vllm = True
         if is_peft_model(self.model):
             raise NotImplementedError("trl-correct does not sync LoRA adapters yet; train without use_peft")
+        self.sampler = args.sampler_spec(order=sampler_order())  # one spec: engine and trainer both use it
+        policy = self.accelerator.unwrap_model(self.model)
+        self.sampler_unreproducible = reproducible(policy, self.sampler)
+        if self.sampler.transforms and not self.sampler_unreproducible:
+            add_processed_head(policy, self.sampler, fp32_head=args.cast_lm_head_to_fp32)
         self.compute_dtype = self._compute_dtype()
         self.thresholds, self.thresholds_reason = args.thresholds(self.compute_dtype,
                                                                    self.accelerator.device.type == "cuda")
@@ -84,9 +99,7 @@ class CorrectGRPOTrainer(GRPOTrainer):
             fp32_lm_head=a.fp32_lm_head, seed=self.accelerator.process_index, max_model_len=a.vllm_max_model_length,
             max_num_seqs=max(a.probe_size, a.per_device_train_batch_size * a.steps_per_generation),
             gpu_memory_utilization=a.vllm_gpu_memory_utilization, trust_remote_code=a.trust_remote_code,
-            cpu_kv_cache_gib=a.vllm_kv_cache_gib,
-            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p or 0.0,
-            repetition_penalty=self.repetition_penalty, max_tokens=self.max_completion_length,
+            cpu_kv_cache_gib=a.vllm_kv_cache_gib, sampler=self.sampler, max_tokens=self.max_completion_length,
             generation_kwargs=dict(a.generation_kwargs or {}))
 
     def engine_weights(self):
@@ -95,10 +108,14 @@ class CorrectGRPOTrainer(GRPOTrainer):
             yield name, p.detach()
 
     def trainer_facts(self) -> dict:
-        """The trainer's side of the static checks. TRL 1.16 scores tokens with temperature only."""
+        """The trainer's side of the static checks: dtypes and the sampler transform its logprobs are taken under
+        (temperature in TRL's fused head; everything else in head.py's processed head)."""
         head = "float32" if self.args.cast_lm_head_to_fp32 else self.compute_dtype
+        spec = self.sampler.to_dict()
         return dict(compute_dtype=self.compute_dtype, head_dtype=head, want_fp32_head=self.args.fp32_lm_head,
-                    temperature=self.temperature)
+                    **{k: spec[k] for k in spec if k != "order"}, sampler_order=spec["order"],
+                    sampler_unreproducible=self.sampler_unreproducible,
+                    sampler_defaults_applied=self.sampler_defaults_applied)
 
     def probe_prompts(self) -> list[list[int]]:
         """Token ids of the probe prompts: the first `probe_size` training prompts. With prefix caching on, each
@@ -166,9 +183,10 @@ class CorrectGRPOTrainer(GRPOTrainer):
         trainer_lps, mask = self.score(prompt_ids, completion_ids)
         engine_lps = pad([torch.tensor(x, dtype=torch.float32) for x in engine_lps], padding_value=float("nan"),
                          padding_side="right").to(trainer_lps.device)
-        r, nonfinite = valid_gaps(trainer_lps, engine_lps, mask)
+        outside = outside_support(trainer_lps, mask)
+        r, nonfinite = valid_gaps(trainer_lps, engine_lps, mask.bool() & ~outside)
         self.last_probe_gaps = r.abs().float().cpu()  # the |Δlogp| distribution, for the doctor's plot
-        return summarize_gaps(r, nonfinite)
+        return dict(summarize_gaps(r, nonfinite), n_outside_support=int(outside.sum()))
 
     @torch.no_grad()
     def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]):
@@ -194,7 +212,7 @@ class CorrectGRPOTrainer(GRPOTrainer):
         stats = self.probe(prompts)
         gaps = self.last_probe_gaps
         check = mismatch_check(stats, self.thresholds)
-        checks = [check]
+        checks = [check] + ([support_check(stats["n_outside_support"], "probe")] if stats["n_outside_support"] else [])
         if self.engine.settings.enable_prefix_caching:
             if self.engine.last_reset_ok is False:
                 checks.append(Check("prefix_cache", False, "reset_prefix_cache() returned False after the sync: "
@@ -268,6 +286,12 @@ class CorrectGRPOTrainer(GRPOTrainer):
             self.on_gate_failure(GateReport((check,)), f"at step {step}")
         mask = out["completion_mask"] if "tool_mask" not in out else out["completion_mask"] * out["tool_mask"]
         trainer_lps, engine_lps = out["old_per_token_logps"], out["sampling_per_token_logps"]
+        outside = outside_support(trainer_lps, mask)
+        n_outside = int(self.accelerator.gather(torch.tensor([int(outside.sum())], device=mask.device)).sum())
+        if n_outside:  # never train on a token the trainer's policy cannot produce: drop it, and fail the gate
+            out["completion_mask"] = out["completion_mask"] * ~outside
+            mask = mask * ~outside
+            self.on_gate_failure(GateReport((support_check(n_outside, f"batch at step {step}"),)), f"at step {step}")
         r, nonfinite = valid_gaps(trainer_lps, engine_lps, mask)
         w, hit = is_weights(trainer_lps, engine_lps, mask, self.args.tis_mode, self.args.tis_cap)
         gathered = [self._gather_flat(x) for x in (r, per_token(w, mask), hit[mask.bool()].float())]
@@ -310,3 +334,8 @@ class CorrectGRPOTrainer(GRPOTrainer):
                 "thresholds_reason": self.thresholds_reason, "engine": self.engine.facts()}
         with open(os.path.join(self.args.output_dir, "correctness_report.json"), "w") as f:
             json.dump(data, f, indent=2, default=str)
+
+
+def outside_support(trainer_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: counted tokens the trainer scores as outside its kept set (head.py marks them OUTSIDE_LOGPROB)."""
+    return mask.bool() & (trainer_logprobs <= OUTSIDE_LOGPROB / 2)

@@ -1,0 +1,175 @@
+"""The engine's sampler transform reproduced on the trainer's side: per-token log-probabilities under exactly the
+distribution the engine sampled from (vLLM's `processed_logprobs`).
+
+Pure torch; knows nothing of vLLM or TRL. The engine adapter (engine.py) says which order the installed vLLM applies
+the transforms in (`SamplerSpec.order`); the trainer (head.py) feeds hidden states and token histories in.
+
+vLLM V1 (0.26-0.31, read from vllm/v1/sample/sampler.py): logits in fp32 -> penalties (repetition over prompt and
+output tokens, frequency and presence over output tokens) -> divide by temperature -> min_p -> top_k -> top_p ->
+log_softmax over the kept tokens. A token outside the kept set has logprob -inf on the engine side; here it gets
+`OUTSIDE_LOGPROB` (finite, so a loss never turns NaN) and is reported by `in_support`.
+"""
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+VLLM_V1_ORDER = ("penalties", "temperature", "min_p", "top_k", "top_p")
+OUTSIDE_LOGPROB = -1e4  # far below any real logprob (log(1/150k) = -11.9); exp() of it is exactly 0 in fp32
+TOP_P_CANDIDATES = 1024  # top-p looks for its kept set among this many largest logits before sorting a whole row
+CHUNK_BYTES = 256 * 2**20  # logits materialised per chunk of tokens
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """What the engine does to the logits before sampling; neutral values mean 'off'."""
+
+    temperature: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    order: tuple = VLLM_V1_ORDER
+
+    @property
+    def transforms(self) -> list[str]:
+        """The settings other than temperature that change the distribution."""
+        on = dict(top_k=(self.top_k or 0) > 0, top_p=self.top_p < 1.0, min_p=self.min_p > 0.0,
+                  repetition_penalty=self.repetition_penalty != 1.0, presence_penalty=self.presence_penalty != 0.0,
+                  frequency_penalty=self.frequency_penalty != 0.0)
+        return [k for k, v in on.items() if v]
+
+    @property
+    def needs_history(self) -> bool:
+        return any(t.endswith("penalty") for t in self.transforms)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["order"] = list(self.order)
+        return d
+
+
+def history(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor):
+    """Penalty inputs per completion position, as vLLM sees them when it samples that position.
+
+    Args: prompt_ids / prompt_mask [B, P] (mask 1 = real token), completion_ids [B, T].
+    Returns (ids [B, U], in_prompt_or_output [B, T, U] bool, output_counts [B, T, U] float): `ids` are the distinct
+    tokens of each sequence (padded by repeating the first); at position t the output history is completion[:t].
+    """
+    B, T = completion_ids.shape
+    rows = []
+    for b in range(B):
+        p = prompt_ids[b][prompt_mask[b].bool()]
+        rows.append(torch.unique(torch.cat([p, completion_ids[b]])))
+    U = max(len(r) for r in rows)
+    ids = torch.stack([torch.cat([r, r[:1].expand(U - len(r))]) for r in rows])  # [B, U]
+    in_prompt = torch.stack([torch.isin(ids[b], prompt_ids[b][prompt_mask[b].bool()]) for b in range(B)])  # [B, U]
+    hit = (completion_ids[:, :, None] == ids[:, None, :]).float()  # [B, T, U]: completion token t is ids[u]
+    counts = torch.cumsum(hit, dim=1) - hit  # occurrences in completion[:t]
+    return ids, in_prompt[:, None, :] | (counts > 0), counts
+
+
+def _apply_penalties(logits, spec: SamplerSpec, ids, seen, counts):
+    """vLLM's penalties on the history tokens only (every other logit is unchanged). logits [n, V]; ids/seen/counts
+    [n, U]. Out of place, differentiable."""
+    vals = logits.gather(1, ids)
+    if spec.repetition_penalty != 1.0:
+        pen = torch.where(seen, torch.full_like(vals, spec.repetition_penalty), torch.ones_like(vals))
+        vals = vals * torch.where(vals > 0, 1.0 / pen, pen)  # vLLM multiplies by 1/penalty for positive logits
+    vals = vals - spec.frequency_penalty * counts - spec.presence_penalty * (counts > 0).float()
+    return logits.scatter(1, ids, vals)
+
+
+@torch.no_grad()
+def _keep_threshold(z: torch.Tensor, spec: SamplerSpec) -> torch.Tensor:
+    """Per-row logit threshold of min_p then top_k: kept iff z >= threshold. z [n, V] (temperature applied)."""
+    thr = torch.full((z.size(0), 1), -math.inf, dtype=z.dtype, device=z.device)
+    if spec.min_p > 0.0:  # p_i >= min_p * p_max  <=>  z_i >= z_max + log(min_p)
+        thr = torch.maximum(thr, z.amax(dim=-1, keepdim=True) + math.log(spec.min_p))
+    if (spec.top_k or 0) > 0 and spec.top_k < z.size(-1):
+        thr = torch.maximum(thr, z.topk(spec.top_k, dim=-1).values[:, -1:])
+    return thr
+
+
+@torch.no_grad()
+def _top_p_keep(z: torch.Tensor, thr: torch.Tensor, top_p: float):
+    """Kept set of top-p (vLLM: sort ascending, drop tokens whose cumulative probability is <= 1 - p, always keep
+    the largest) over the tokens that survive `thr`. Returns (cand_idx [n, m], cand_keep [n, m]) when every row's
+    kept set lies among its m largest logits, else (None, full keep mask [n, V])."""
+    n, V = z.shape
+    m = min(TOP_P_CANDIDATES, V)
+    vals, idx = z.topk(m, dim=-1)  # descending
+    alive = vals >= thr
+    zmax = vals[:, :1]
+    total = torch.where(z >= thr, torch.exp(z - zmax), torch.zeros_like(z)).sum(-1, keepdim=True)
+    cand = torch.where(alive, torch.exp(vals - zmax), torch.zeros_like(vals))
+    rest = (total - cand.sum(-1, keepdim=True)).clamp(min=0)  # mass of surviving tokens outside the candidates
+    asc = torch.cumsum(cand.flip(-1), dim=-1).flip(-1)  # mass of candidates at or below each one
+    cum = (rest + asc) / total  # vLLM's ascending cumulative probability at each candidate
+    keep = alive & (cum > 1 - top_p)
+    keep[:, 0] = True
+    # the smallest candidate still kept (or alive) means the kept set may continue beyond the candidates
+    spill = (keep[:, -1] & alive[:, -1]) if m < V else torch.zeros(n, dtype=torch.bool, device=z.device)
+    if not bool(spill.any()):
+        return idx, keep
+    full = z >= thr
+    zs, order = torch.where(full, z, torch.full_like(z, -math.inf)).sort(dim=-1)  # the exact vLLM path
+    probs = zs.softmax(dim=-1).cumsum(dim=-1)
+    drop = probs <= 1 - top_p
+    drop[:, -1] = False
+    return None, full.scatter(1, order, ~drop & full.gather(1, order))
+
+
+def _chunk(hidden, weight, bias, targets, spec: SamplerSpec, ids, seen, counts):
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    if spec.needs_history:
+        logits = _apply_penalties(logits, spec, ids, seen, counts)
+    z = logits / spec.temperature
+    thr = _keep_threshold(z, spec)
+    z_t = z.gather(1, targets[:, None])
+    if spec.top_p < 1.0:
+        cand_idx, keep = _top_p_keep(z, thr, spec.top_p)
+        if cand_idx is not None:  # kept set among the candidates: normalise over them only
+            zc = z.gather(1, cand_idx).masked_fill(~keep, -math.inf)
+            kept_t = (keep & (cand_idx == targets[:, None])).any(-1)
+            return _finish(zc, z_t, kept_t)
+    else:
+        keep = z >= thr
+    return _finish(z.masked_fill(~keep, -math.inf), z_t, keep.gather(1, targets[:, None]).squeeze(1))
+
+
+def _finish(z_kept, z_t, kept_t):
+    """Target logprob and entropy of the distribution over the kept logits (-inf elsewhere)."""
+    lse = torch.logsumexp(z_kept, dim=-1, keepdim=True)
+    lp = (z_kept - lse)
+    p = lp.exp()
+    entropy = -(p * lp.masked_fill(~torch.isfinite(lp), 0.0)).sum(-1)
+    target = torch.where(kept_t, (z_t - lse).squeeze(1), torch.full_like(lse.squeeze(1), OUTSIDE_LOGPROB))
+    return target, entropy, kept_t
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                   spec: SamplerSpec, hist: tuple | None = None):
+    """Processed logprob of each target token, chunked so at most `CHUNK_BYTES` of logits exist at once (with
+    autograd, each chunk is recomputed in backward instead of stored).
+
+    Args: hidden [N, H], weight [V, H], bias [V] or None, targets [N]; hist = (ids, seen, counts), each [N, U], from
+    `history` (needed for penalties). Returns (logprobs [N], entropy [N], in_support [N] bool); logprobs are
+    `OUTSIDE_LOGPROB` where the target is outside the kept set.
+    """
+    N, V = hidden.size(0), weight.size(0)
+    step = max(1, CHUNK_BYTES // (4 * V))
+    outs = []
+    for s in range(0, N, step):
+        e = min(N, s + step)
+        h = (None,) * 3 if hist is None else tuple(x[s:e] for x in hist)
+        args = (hidden[s:e], weight, bias, targets[s:e], spec, *h)
+        outs.append(checkpoint(_chunk, *args, use_reentrant=False) if torch.is_grad_enabled() else _chunk(*args))
+    if not outs:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty, torch.zeros(0, dtype=torch.bool, device=hidden.device)
+    return tuple(torch.cat(x) for x in zip(*outs))
