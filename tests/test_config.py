@@ -24,6 +24,13 @@ def cfg(tmp_path, **kw):
     (dict(max_kl_k3=0.0), "max_kl_k3"),
     (dict(probe_size=0), "probe_size"),
     (dict(vllm_dtype="fp8"), "vllm_dtype"),
+    (dict(generation_kwargs={"top_k": 5}), "generation_kwargs"),
+    (dict(generation_kwargs={"repetition_penalty": 1.1}), "generation_kwargs"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(min_p=1.5), "min_p"),
+    (dict(top_k=-2), "top_k"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(sampler_defaults="hub"), "sampler_defaults"),
 ])
 def test_bad_value_names_the_field(tmp_path, kw, field):
     with pytest.raises(ValueError) as e:
@@ -58,3 +65,17 @@ def test_cli_rejects_unknown_choice_naming_the_flag(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--output_dir", str(tmp_path), "--gate", "strict"])
     assert "--gate" in capsys.readouterr().err
+
+
+def test_model_sampler_defaults_fill_only_unset_fields(tmp_path):
+    model = dict(temperature=0.6, top_k=20, top_p=0.8, repetition_penalty=1.05, min_p=None)
+    c = cfg(tmp_path, temperature=0.9, sampler_defaults="model")
+    assert c.apply_model_sampler_defaults(model) == dict(top_k=20, top_p=0.8, repetition_penalty=1.05)
+    assert c.temperature == 0.9 and c.sampler_spec().top_k == 20  # what the user wrote is kept
+    c = cfg(tmp_path)  # sampler_defaults=config: nothing taken from the model
+    assert c.apply_model_sampler_defaults(model) == {} and c.top_k == 0
+
+
+def test_sampler_spec_is_the_one_place(tmp_path):
+    s = cfg(tmp_path, temperature=0.7, top_k=-1, min_p=None, presence_penalty=0.5).sampler_spec()
+    assert s.temperature == 0.7 and s.top_k == -1 and s.min_p == 0.0 and s.transforms == ["presence_penalty"]

@@ -9,6 +9,7 @@ on after, and the weights applied in the loss are the ones the gate decided on.
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -76,15 +77,22 @@ def test_engine_dtype_differs_from_trainer_fails(make_trainer):
     assert report.mismatch["mean_abs_logprob_diff"] > FP32_TOL  # the bf16 engine really does differ
 
 
+class EngineOnlyTopK(CorrectGRPOTrainer):
+    def engine_settings(self):
+        s = super().engine_settings()
+        s.sampler = replace(s.sampler, top_k=5)  # a setting that reaches the engine only
+        return s
+
+
 def test_sampler_setting_on_engine_only_fails(make_trainer):
-    report = make_trainer(generation_kwargs={"top_k": 5}).run_gate()
+    report = make_trainer(EngineOnlyTopK).run_gate()
     bad = failing(report)
     assert "sampler" in bad and "top_k" in bad["sampler"], report.table()
     assert "mismatch" in bad  # renormalised over 5 tokens vs the full vocabulary
 
 
 def test_gate_failure_under_enforce_stops_before_training(make_trainer):
-    trainer = make_trainer(generation_kwargs={"top_k": 5})
+    trainer = make_trainer(EngineOnlyTopK)
     with pytest.raises(GateFailure) as e:
         trainer.train()
     assert "sampler" in e.value.report.causes and trainer.state.global_step == 0 and not trainer.tis_enabled

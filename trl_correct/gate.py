@@ -135,11 +135,11 @@ def static_checks(trainer: dict, engine: dict) -> list[Check]:
     wrong = {k: engine.get(k) for k, v in applied.items() if _norm(k, v) != _norm(k, engine.get(k))}
     ignored = {k: v for k, v in gen.items()
                if k in SAMPLER_FIELDS and k not in applied and _norm(k, v) != _norm(k, engine.get(k))}
-    detail = (f"model generation_config defaults in effect on both sides: {applied}" if applied else
-              "model generation_config sets no sampler default that differs from the config")
+    parts = [f"model generation_config defaults in effect on both sides: {applied}"] if applied else []
     if ignored:
-        detail = ("model generation_config defaults not in effect on either side (the config's values are used on "
-                  f"both): {ignored}" + (f"; in effect: {applied}" if applied else ""))
+        parts.append("model generation_config defaults not in effect on either side (the config's values are used "
+                     f"on both): {ignored}")
+    detail = "; ".join(parts) or "model generation_config sets no sampler default that differs from the config"
     if wrong:
         detail = f"model generation_config defaults {applied} applied by the trainer, engine uses {wrong}"
     checks.append(Check("generation_config", not wrong, detail,

@@ -66,3 +66,11 @@ def add_processed_head(model, spec: SamplerSpec, fp32_head: bool) -> None:
                                    label_mask=mask)
 
     model.forward = types.MethodType(forward, model)
+    forward.trl_forward = trl_forward
+
+
+def remove_processed_head(model) -> None:
+    """Undo `add_processed_head`: back to TRL's temperature-only head (the doctor's and tests' ablation)."""
+    trl_forward = getattr(model.forward, "trl_forward", None)
+    if trl_forward is not None:
+        model.forward = trl_forward

