@@ -30,7 +30,9 @@ from trl_correct.sampler import SamplerSpec
 VARIANTS = {
     "TRL fused head, temperature only (baseline)": None,
     "processed head: top_k=50, top_p=0.95": SamplerSpec(temperature=0.9, top_k=50, top_p=0.95),
+    "processed head: top_p=0.95": SamplerSpec(temperature=0.9, top_p=0.95),
     "processed head: top_p=0.95, min_p=0.05": SamplerSpec(temperature=0.9, top_p=0.95, min_p=0.05),
+    "processed head: repetition_penalty=1.1": SamplerSpec(temperature=0.9, repetition_penalty=1.1),
     "processed head: all (top_k, top_p, min_p, 3 penalties)": SamplerSpec(
         temperature=0.9, top_k=50, top_p=0.95, min_p=0.05, repetition_penalty=1.1, presence_penalty=0.2,
         frequency_penalty=0.1),

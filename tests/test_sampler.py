@@ -13,6 +13,7 @@ import torch
 from vllm.model_executor.layers.utils import apply_penalties
 from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
 
+from trl_correct import sampler
 from trl_correct.sampler import OUTSIDE_LOGPROB, SamplerSpec, history, token_logprobs
 
 V, H = 3000, 32
@@ -51,18 +52,23 @@ SPECS = {
 
 
 def case(seed, scale):
-    """One sequence: prompt of 12 tokens, completion of 10; hidden states whose logits have spread `scale`."""
+    """One sequence: prompt of 12 tokens, completion of 10; hidden states whose logits have spread `scale` (a float,
+    or "mixed": rows from flat to peaked, so one chunk takes every path of the kept-set search)."""
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(V, H, generator=g)
+    scale = torch.tensor([0.5, 1.0, 2.0, 3.0, 8.0] * 2)[:, None] if scale == "mixed" else scale
     hidden = (torch.randn(10, H, generator=g) * scale / math.sqrt(H)).requires_grad_()
     prompt = torch.randint(0, 40, (1, 12), generator=g)  # few distinct ids: penalties hit repeated tokens
     completion = torch.randint(0, 40, (1, 10), generator=g)
     return weight, hidden, prompt, completion
 
 
-@pytest.mark.parametrize("scale", [1.0, 8.0], ids=["flat", "peaked"])  # flat: top-p keeps > 1024 tokens (sort path)
+@pytest.mark.parametrize("scale", [1.0, 8.0, "mixed"], ids=["flat", "peaked", "mixed"])
 @pytest.mark.parametrize("name", list(SPECS))
-def test_matches_vllm_sampler_values_and_gradients(name, scale):
+def test_matches_vllm_sampler_values_and_gradients(name, scale, monkeypatch):
+    # candidate tiers of 64 and 512 over a 3000-token vocabulary: flat rows spill past both into vLLM's full sort,
+    # peaked rows stay in the first tier, mixed chunks take all three paths at once
+    monkeypatch.setattr(sampler, "CANDIDATE_TIERS", (64, 512))
     spec = SPECS[name]
     weight, hidden, prompt, completion = case(0, scale)
     outputs = [completion[0, :t].tolist() for t in range(10)]
@@ -78,6 +84,9 @@ def test_matches_vllm_sampler_values_and_gradients(name, scale):
     gap = (ours[kept] - ref[kept]).abs()
     assert gap.max() < 1e-5, f"max gap {gap.max():.3g}; ours {ours[:4].tolist()} vs vLLM {ref[:4].tolist()}"
     assert torch.isfinite(entropy).all() and (entropy >= -1e-6).all()
+    with torch.no_grad():  # the old-policy / probe pass works in place: same numbers
+        again = token_logprobs(hidden, weight, None, targets, spec, (ids[0].expand(10, -1), seen[0], counts[0]))
+    assert torch.equal(again[2], kept) and (again[0] - ours).abs().max() < 1e-6 and (again[1] - entropy).abs().max() < 1e-5
     g_ours, = torch.autograd.grad(ours[kept].sum(), hidden)
     g_ref, = torch.autograd.grad(ref[kept].sum(), hidden)
     assert (g_ours - g_ref).abs().max() < 1e-4, (g_ours - g_ref).abs().max()
@@ -122,3 +131,18 @@ def test_empty_input():
     lp, ent, kept = token_logprobs(torch.zeros(0, H), torch.randn(V, H), None, torch.zeros(0, dtype=torch.long),
                                    SPECS["combined"])
     assert lp.numel() == ent.numel() == kept.numel() == 0
+
+
+def test_unverified_vllm_release_is_not_guessed():
+    from types import SimpleNamespace
+
+    from trl_correct.engine import sampler_order
+    from trl_correct.head import reproducible
+
+    assert sampler_order("0.31.0") == sampler_order("0.26.0") == SPECS["combined"].order
+    model = SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: SimpleNamespace()))
+    future = SamplerSpec(top_k=5, order=sampler_order("0.40.0"))
+    assert "not the one sampler.py implements" in reproducible(model, future)
+    assert reproducible(model, SamplerSpec(temperature=0.7, order=sampler_order("0.40.0"))) is None  # T only: TRL's
+    capped = SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: SimpleNamespace(final_logit_softcapping=30.0)))
+    assert "final_logit_softcapping" in reproducible(capped, SPECS["top_k"])

@@ -11,6 +11,7 @@ import shutil
 from dataclasses import replace
 
 import pytest
+import torch
 
 from trl_correct import CorrectGRPOTrainer
 from trl_correct.gate import mismatch_check
@@ -65,6 +66,23 @@ def test_token_outside_trainer_kept_set_is_a_named_failure(make_trainer):
     report = make_trainer(EngineSamplesFullVocab, top_k=3).run_gate()
     bad = failing(report)
     assert "sampler_support" in bad and "sampler" in bad and "top_k" in bad["sampler"], report.table()
+
+
+class RecordsLossMask(EngineSamplesFullVocab):
+    def _compute_loss(self, model, inputs):
+        self.seen = getattr(self, "seen", []) + [(inputs["completion_mask"].clone(), inputs["old_per_token_logps"])]
+        return super()._compute_loss(model, inputs)
+
+
+def test_token_outside_kept_set_is_dropped_from_the_loss_not_clipped(make_trainer):
+    trainer = make_trainer(RecordsLossMask, top_k=3, gate="observe", max_steps=1)
+    trainer.train()
+    assert trainer.failures[0]["causes"][:1] == ["sampler"] and any(
+        f["causes"] == ["sampler_support"] for f in trainer.failures[1:]), trainer.failures
+    for mask, old in trainer.seen:
+        outside = old <= -1e3
+        assert outside.any() and not mask[outside].any()  # in the batch, and out of the loss
+        assert torch.isfinite(old).all()
 
 
 def test_unreproduced_generation_kwarg_fails_the_sampler_check(make_trainer):

@@ -31,10 +31,18 @@ UNREPRODUCED_KWARGS = ("logit_bias", "allowed_token_ids", "bad_words", "min_toke
                        "structured_outputs", "guided_decoding")
 
 
-def sampler_order() -> tuple:
-    """The order the installed vLLM applies its sampler transforms in (vllm/v1/sample/sampler.py: penalties,
-    temperature, argmax-invariant processors (min_p), top-k/top-p). Same from 0.26 through 0.31."""
-    return VLLM_V1_ORDER
+VERIFIED_VLLM = ((0, 26), (0, 31))  # sampler order read in vllm/v1/sample/sampler.py of these releases
+
+
+def sampler_order(version: str | None = None) -> tuple:
+    """The order the installed vLLM applies its sampler transforms in: penalties, temperature, the argmax-invariant
+    processors (min_p), top-k then top-p (vllm/v1/sample/sampler.py, 0.26-0.31). For a release not read, a marker
+    the trainer's transform does not implement, so a non-temperature sampler fails the gate instead of guessing."""
+    version = version or _vllm_version()
+    major_minor = tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
+    if VERIFIED_VLLM[0] <= major_minor <= VERIFIED_VLLM[1]:
+        return VLLM_V1_ORDER
+    return (f"unverified: vLLM {version}",)
 
 
 @dataclass

@@ -14,11 +14,13 @@ from contextlib import nullcontext
 import torch
 from trl.trainer.utils import FusedCausalLMOutput
 
-from .sampler import SamplerSpec, history, token_logprobs
+from .sampler import VLLM_V1_ORDER, SamplerSpec, history, token_logprobs
 
 
 def reproducible(model, spec: SamplerSpec) -> str | None:
     """None, or why this trainer cannot score `model` under `spec` (a gate failure with cause `sampler`)."""
+    if spec.transforms and tuple(spec.order) != VLLM_V1_ORDER:
+        return f"the engine's sampler order {list(spec.order)} is not the one sampler.py implements"
     cfg = model.config.get_text_config()
     scaled = [k for k in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                           "logits_scaling") if getattr(cfg, k, None) not in (None, 1.0)]
