@@ -1,8 +1,9 @@
 """GPU check of the core slice: the main job's code path (trl_correct.train) on the tiny model, on a GPU.
 
-Runs the tiny recipe for a few steps in fp32, bf16 (fp32 head both sides) and bf16 with a bf16 head, plus one fault
-(engine bf16 against an fp32 trainer, gate: observe so the run goes on), each in its own process, and prints one
-table of gate verdicts and per-step mismatch. Needs a GPU with vllm + trl installed (see ../shared/gpu/README.md).
+Runs the tiny recipe for a few steps in fp32, bf16 (fp32 head both sides), bf16 with a bf16 head, bf16 with prefix
+caching and bf16 with vLLM sleep mode, plus one fault (engine bf16 against an fp32 trainer, gate: observe so the run
+goes on), each in its own process, and prints one table of gate verdicts and per-step mismatch. Then the doctor
+injects the GPU-only faults (woken from sleep without a reload) and must name their causes. Needs a GPU with vllm + trl installed (see ../shared/gpu/README.md).
 
     python bench/gpu_check.py --out runs/gpu_check [--model DIR] [--steps 5]
 """
@@ -20,7 +21,10 @@ RUNS = [
     ("bf16, bf16 head", ["--bf16", "true", "--fp32_lm_head", "false"]),
     ("bf16, prefix caching on", ["--bf16", "true", "--enable_prefix_caching", "true"]),
     ("fault: engine bf16 vs trainer fp32", ["--bf16", "false", "--vllm_dtype", "bfloat16", "--gate", "observe"]),
+    ("bf16, sleep mode (wake, reload, verify every step)", ["--bf16", "true", "--vllm_enable_sleep_mode", "true"]),
 ]
+# Faults that need a GPU: the doctor injects each and must name its cause (exit 0).
+DOCTOR_FAULTS = [("wake_without_reload", ["--bf16", "true", "--vllm_enable_sleep_mode", "true"])]
 
 
 def main():
@@ -63,6 +67,14 @@ def main():
               f"{p['max_abs_logprob_diff']:.3g} | {p['kl_k3']:.3g} | "
               f"{max(x['mean_abs_logprob_diff'] for x in s):.3g} | {max(x['max_abs_logprob_diff'] for x in s):.3g} | "
               f"{sum(x['tis_enabled'] for x in s)}/{len(s)} |")
+    for fault, flags in DOCTOR_FAULTS:
+        cmd = [sys.executable, "-m", "trl_correct.cli", "doctor", "--config", "recipes/tiny.yaml", "--inject", fault,
+               "--output_dir", os.path.join(a.out, "doctor_" + fault), *flags]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        named = p.returncode == 0
+        print(f"doctor --inject {fault}: {'cause named' if named else 'NOT named (exit %d)' % p.returncode}")
+        print(p.stdout[-2500:])
+        rows.append({"run": f"doctor --inject {fault}", "named": named, "stdout": p.stdout[-2500:]})
     os.makedirs(a.out, exist_ok=True)
     json.dump(rows, open(os.path.join(a.out, "gpu_check.json"), "w"), indent=2, default=str)
 

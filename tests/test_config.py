@@ -31,6 +31,10 @@ def cfg(tmp_path, **kw):
     (dict(top_k=-2), "top_k"),
     (dict(repetition_penalty=0.0), "repetition_penalty"),
     (dict(sampler_defaults="hub"), "sampler_defaults"),
+    (dict(max_clip_frac=0.0), "max_clip_frac"),
+    (dict(max_clip_frac=1.5), "max_clip_frac"),
+    pytest.param(dict(vllm_enable_sleep_mode=True), "vllm_enable_sleep_mode", marks=pytest.mark.skipif(
+        __import__("torch").cuda.is_available(), reason="sleep mode is valid on a GPU")),
 ])
 def test_bad_value_names_the_field(tmp_path, kw, field):
     with pytest.raises(ValueError) as e:

@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from trl_correct.numerics import is_weights, mismatch_stats, per_token, step_metrics, summarize_gaps, weight_stats
+from trl_correct.audit import token_identity
+from trl_correct.numerics import (is_weights, mismatch_stats, nonfinite_tokens, per_token, ratio_stats, sequence_gaps,
+                                  step_metrics, summarize_gaps, valid_gaps, weight_stats)
 
 
 def t(x):
@@ -95,3 +97,47 @@ def test_step_metrics_zero_gap_is_clean():
     m, w = step_metrics(lp, lp.clone(), torch.ones(1, 2), "token_truncate", 2.0)
     assert m["max_abs_logprob_diff"] == 0.0 and m["kl_k3"] == 0.0 and m["clip_frac"] == 0.0 and m["ess"] == 1.0
     assert torch.equal(w, torch.ones(1, 2))
+
+
+def test_ratio_stats_before_truncation_show_a_masked_majority():
+    # every token 0.1 nats apart: mean |Δ| 0.1 looks "healthy", yet with sequence_mask at cap 2 every 8-token
+    # sequence (ratio e^0.8 = 2.2) is masked: the capped weights alone would only say "mean weight 0"
+    trainer, engine = torch.full((4, 8), -1.0), torch.full((4, 8), -1.1)
+    mask = torch.ones(4, 8)
+    w, hit = is_weights(trainer, engine, mask, "sequence_mask", 2.0)
+    r, _ = valid_gaps(trainer, engine, mask)
+    s = ratio_stats(r, sequence_gaps(trainer, engine, mask), per_token(w, mask))
+    assert s["ratio_min"] == pytest.approx(math.exp(0.1), rel=1e-5) and s["ratio_max"] == pytest.approx(math.exp(0.1),
+                                                                                                       rel=1e-5)
+    assert s["tokens_outside_0.5_2"] == 0.0 and s["tokens_outside_0.8_1.25"] == 0.0  # each token is fine
+    assert s["seqs_outside_0.5_2"] == 1.0 and s["seqs_outside_0.8_1.25"] == 1.0      # each sequence is not
+    assert s["masked_frac"] == 1.0 and weight_stats(per_token(w, mask), hit[mask.bool()])["clip_frac"] == 1.0
+
+
+def test_ratio_stats_quantiles_and_empty_input():
+    r = torch.linspace(-1.0, 1.0, 201, dtype=torch.float64)
+    s = ratio_stats(r, r[:3], torch.ones(201))
+    assert s["ratio_p1"] == pytest.approx(math.exp(-0.98), rel=1e-6) and s["ratio_p99"] == pytest.approx(math.exp(0.98))
+    assert s["tokens_outside_0.8_1.25"] == pytest.approx(1 - 45 / 201, abs=1e-9)  # |r| <= log 1.25 = 0.223
+    e = ratio_stats(torch.zeros(0), torch.zeros(0), torch.zeros(0))
+    assert e["ratio_max"] == 1.0 and e["masked_frac"] == 0.0 and e["seqs_outside_0.5_2"] == 0.0
+    assert math.isfinite(ratio_stats(torch.tensor([900.0]), torch.tensor([900.0]), torch.ones(1))["ratio_max"])
+
+
+def test_nonfinite_tokens_either_side_and_only_counted_ones():
+    trainer = t([[-1.0, float("nan"), -1.0, float("inf")]])
+    engine = t([[float("-inf"), -1.0, -1.0, -1.0]])
+    got = nonfinite_tokens(trainer, engine, torch.tensor([[1, 1, 1, 0]]))
+    assert got.tolist() == [[True, True, False, False]]
+
+
+def test_token_identity_walk():
+    sampled = {(1, 2): [(5, 6, 0), (5, 7, 0)], (9,): [(3, 4)], (9, 3, 4, 88, 89): [(10, 0)]}
+    rows = [((1, 2), [5, 6, 0], [True] * 3),                                  # exact
+            ((1, 2), [5, 7], [True] * 2),                                     # scored up to EOS-masking: a prefix
+            ((9,), [3, 4, 88, 89, 10, 0], [True, True, False, False, True, True])]  # tool output in between
+    assert token_identity(rows, sampled) == (0, "")
+    bad, example = token_identity([((1, 2), [5, 8, 0], [True] * 3), ((4,), [1], [True])], sampled)
+    assert bad == 2 and "engine sampled [5, 6, 0]" in example
+    # one engine completion cannot vouch for two scored ones
+    assert token_identity([((9,), [3, 4], [True] * 2), ((9,), [3, 4], [True] * 2)], {(9,): [(3, 4)]})[0] == 1

@@ -76,6 +76,9 @@ class CorrectGRPOConfig(GRPOConfig):
     max_kl_k3: float | None = field(default=None, metadata={
         "help": "Gate threshold on the k3 estimate of KL(engine || trainer). None: by compute dtype "
                 "(fp32 1e-6, 1e-5 on GPU; bf16 2e-3)."})
+    max_clip_frac: float = field(default=0.2, metadata={
+        "help": "Gate threshold on the share of tokens whose importance weight is truncated or masked (cause "
+                "ratio_clipped): above it the correction reweights much of the batch, whatever the mean gap says."})
     probe_size: int = field(default=8, metadata={"help": "Prompts in the gate's dynamic probe."})
     probe_tokens: int = field(default=16, metadata={"help": "Tokens the engine samples per probe prompt."})
     probe_interval: int = field(default=0, metadata={
@@ -141,11 +144,16 @@ class CorrectGRPOConfig(GRPOConfig):
             bad("temperature", "GRPO samples: use a temperature > 0 (e.g. 1.0)")
         if self.sampler_defaults not in ("config", "model"):
             bad("sampler_defaults", "use config or model")
+        if not 0.0 < self.max_clip_frac <= 1.0:
+            bad("max_clip_frac", "use a share in (0, 1], e.g. 0.2; 1 turns the check off")
         for name in ("probe_size", "probe_tokens"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
         if self.probe_interval < 0:
             bad("probe_interval", "must be >= 0 (0: probe before step 0 only)")
+        if self.vllm_enable_sleep_mode and not _has_gpu():
+            bad("vllm_enable_sleep_mode", "vLLM's CPU platform has no sleep mode (it frees GPU memory between "
+                                          "generations); set it false on a CPU")
         if self.vllm_dtype not in ("auto", "float32", "bfloat16", "float16"):
             bad("vllm_dtype", "use auto, float32, bfloat16 or float16")
         for name in ("max_mean_abs_logprob_diff", "max_max_abs_logprob_diff", "max_kl_k3"):

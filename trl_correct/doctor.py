@@ -36,6 +36,17 @@ def _blank_row(setting: str, verdict: str, note: str) -> dict:
             "_gaps": None}
 
 
+def _floor_row(report, trainer) -> dict:
+    """The trainer against itself (its probe batch scored whole vs one sequence at a time): the floor under every
+    engine comparison above."""
+    sc = trainer.last_self_consistency
+    check = next(c for c in report.checks if c.name == "trainer_consistency")
+    return {"setting": "trainer vs itself (batch vs 1)", **{k: sc.get(k) for k in MISMATCH_OUT},
+            "verdict": "pass" if check.passed else "fail", "causes": [] if check.passed else [check.name],
+            "note": "the trainer's own noise floor: micro-batch size and padding must not move its logprobs",
+            "_gaps": None}
+
+
 def ablate(trainer, names, base, progress, recipe_argv):
     """The gate under each setting in `names` (fault names, or 'async_scheduling'); rows in order."""
     import copy
@@ -65,6 +76,8 @@ def ablate(trainer, names, base, progress, recipe_argv):
                 report = run_with_faults(other, [name], other.engine.settings)
                 rows.append(_row(name, report, other.last_probe_gaps, fault.about))
                 del other.engine.llm
+        elif FAULTS[name].applicable(trainer) and not FAULTS[name].run_when_na:
+            rows.append(_blank_row(name, "n/a", FAULTS[name].applicable(trainer)))
         else:
             why_not = FAULTS[name].applicable(trainer)
             report = run_with_faults(trainer, [name], base)
@@ -146,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = list(FAULTS) + ["async_scheduling"] if (a.selftest or not a.inject) else []
     with tqdm(total=1 + len(settings) + bool(a.inject), desc="probing default", file=sys.stderr) as progress:
         clean = trainer.run_gate()
-        rows = [_row("default (trl-correct)", clean, trainer.last_probe_gaps)]
+        rows = [_row("default (trl-correct)", clean, trainer.last_probe_gaps), _floor_row(clean, trainer)]
         progress.update(1)
         rows += ablate(trainer, settings, base, progress, recipe_argv)
         report = clean

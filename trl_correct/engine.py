@@ -12,6 +12,7 @@ exactly what was sent (float64 sum and sum of squares per group, robust to vLLM'
 
 import os
 from collections import defaultdict
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -180,6 +181,8 @@ class Engine:
         self.after_sync = None  # called with the stale groups after every sync (the trainer applies its policy)
         self.verify_after_sync = True  # fingerprint after every sync (costs one read of the weights on each side)
         self._llm_weights_sleeping = False  # read by TRL's loop
+        self.sleeping = False  # level-2 sleep: the engine's weights are discarded until the next load
+        self.sampled: dict = defaultdict(list)  # prompt ids -> completions sampled for it since the last take_sampled()
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("LOCAL_RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world_size))
@@ -204,6 +207,8 @@ class Engine:
         self.llm = LLM(**kwargs)
         _, self.param_dtypes, self.head_source = self._rpc(_engine_fingerprint)
         self.generation_defaults = model_generation_defaults(s.model, s.trust_remote_code)  # read once: file I/O
+        if s.enable_sleep_mode:
+            self.sleep()  # as TRL: free the memory until the first sync wakes the engine and loads the weights
 
     # -- facts -----------------------------------------------------------------------------------------------------
     def sampling_params(self, max_tokens: int | None = None, **overrides) -> SamplingParams:
@@ -251,8 +256,25 @@ class Engine:
     def reset_prefix_cache(self) -> bool:
         return bool(self.llm.reset_prefix_cache())
 
+    # -- sleep mode (GPU colocate): weights discarded between generations, reloaded and verified on wake ----------------
+    def sleep(self) -> None:
+        """Level-2 sleep: vLLM discards weights and KV cache. The next sync wakes the engine and must reload."""
+        self.llm.sleep(level=2)
+        self.sleeping = self._llm_weights_sleeping = True
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Re-map the engine's memory. After level-2 sleep the weights are garbage until `load_weights` runs: the
+        verification that follows every sync is what proves the reload happened."""
+        self.llm.wake_up(tags=tags)
+        if tags is None or "weights" in tags:
+            self.sleeping = self._llm_weights_sleeping = False
+
     def sync_weights(self) -> list[str]:
-        """Load the trainer's weights, reset the prefix cache, verify. Returns the stale groups (empty = in sync)."""
+        """Load the trainer's weights, reset the prefix cache, verify. Returns the stale groups (empty = in sync).
+        With sleep mode on, the engine's weights are woken first (as TRL does) and the verification runs on what
+        the woken engine really holds."""
+        if self.settings.enable_sleep_mode and self.sleeping:
+            self.wake_up(tags=["weights"])
         expected = defaultdict(lambda: [0.0, 0.0])
 
         def tap(pairs):  # fingerprint exactly what is streamed, cast as the engine stores it
@@ -282,8 +304,14 @@ class Engine:
     def sample(self, prompt_ids: list[list[int]], max_tokens: int | None = None, **overrides):
         """One completion per prompt. Returns (completion_ids, engine_logprobs): lists per sequence; the logprob is
         the engine's for the sampled token, NaN where vLLM gave none."""
+        if self.settings.enable_sleep_mode:
+            if self.sleeping:  # level 2 discarded the weights: waking is not enough, they must be re-pushed
+                self.sync_weights()
+            self.wake_up(tags=["kv_cache"])
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids],
                                  sampling_params=self.sampling_params(max_tokens, **overrides), use_tqdm=False)
+        if self.settings.enable_sleep_mode:
+            self.sleep()
         ids, lps = [], []
         for o in outs:
             c = o.outputs[0]
@@ -296,11 +324,32 @@ class Engine:
         `num_generations` times. Returns (prompt_ids, completion_ids, logprobs [B][T][1], logprob_token_ids)."""
         if images is not None and any(i is not None for i in images):
             raise NotImplementedError("trl-correct does not support image prompts yet")
-        from contextlib import nullcontext
-
         with profiler or nullcontext():
             ids, lps = self.sample(prompts)
+        for p, c in zip(prompts, ids):
+            self.sampled[tuple(p)].append(tuple(c))
         return [list(p) for p in prompts], ids, [[[x] for x in s] for s in lps], [[[t] for t in s] for s in ids]
+
+
+    def take_sampled(self) -> dict:
+        """{prompt ids: [completion ids, ...]} the engine sampled for TRL since the last call (then forgotten)."""
+        sampled, self.sampled = self.sampled, defaultdict(list)
+        return dict(sampled)
+
+    @contextmanager
+    def request_in_flight(self, prompt_ids: list[int], max_tokens: int = 64):
+        """Start one request and run one engine step, so it holds KV blocks while the body runs (as an in-flight
+        rollout does in asynchronous RL); aborted on exit."""
+        rid = f"trl-correct-in-flight-{self.sync_count}"
+        engine = self.llm.llm_engine
+        engine.add_request(rid, {"prompt_token_ids": list(prompt_ids)}, self.sampling_params(max_tokens))
+        engine.step()
+        try:
+            yield
+        finally:
+            engine.abort_request([rid])
+            while engine.has_unfinished_requests():
+                engine.step()
 
 
 def model_generation_defaults(model: str, trust_remote_code: bool = False) -> dict:

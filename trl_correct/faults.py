@@ -21,8 +21,9 @@ class Fault:
     cause: str  # the gate check that must fail
     about: str
     settings: Callable | None = None  # (EngineSettings, trainer) -> None, mutates the settings
-    live: Callable | None = None  # (trainer) -> None, breaks the built engine's update path
+    live: Callable | None = None  # (trainer) -> None or an undo callable; breaks the built engine's or trainer's path
     trainer_flags: tuple = ()  # recipe flags for a trainer built with the fault (the doctor builds a second one)
+    run_when_na: bool = True  # the doctor still shows the row when not applicable (e.g. raw logprobs at T=1 pass)
 
     def applicable(self, trainer) -> str | None:
         """None, or why this fault cannot show on this setup."""
@@ -30,6 +31,8 @@ class Fault:
             return "raw and processed logprobs are the same at temperature 1 with no other transform"
         if self.name == "bf16_head_trainer_side" and trainer.compute_dtype == "float32":
             return "the trainer computes in fp32, so its head is fp32 whatever fp32_lm_head says"
+        if self.name == "wake_without_reload" and not trainer.engine.settings.enable_sleep_mode:
+            return "sleep mode is off (vllm_enable_sleep_mode; GPU only: vLLM's CPU platform has none)"
         return None
 
 
@@ -77,6 +80,87 @@ def _lying_reset(t):
     t.engine.reset_prefix_cache = lambda: True  # reports success, drops nothing
 
 
+def _reset_refused(t):
+    # a rollout still running while the weights load (asynchronous RL): vLLM really refuses to reset the cache
+    real = t.engine.reset_prefix_cache
+    prompt = t.probe_prompts()[0]
+
+    def reset():
+        with t.engine.request_in_flight(prompt):
+            return real()
+
+    t.engine.reset_prefix_cache = reset
+
+
+def _wake_without_reload(t):
+    # the engine is woken from level-2 sleep and the load that must follow is skipped: it computes with whatever the
+    # re-mapped memory holds
+    t.engine.load_weights = lambda pairs: [None for _ in pairs]
+
+
+def _drop_ratio(t):
+    # a loss path that gets the importance weights and drops them (TRL #5031 / Liger #1082)
+    real = t.compute_loss
+
+    def compute_loss(model, inputs, *args, **kwargs):
+        import torch
+
+        if inputs.get("importance_sampling_ratio") is not None:
+            inputs = dict(inputs, importance_sampling_ratio=torch.ones_like(inputs["importance_sampling_ratio"]))
+        return real(model, inputs, *args, **kwargs)
+
+    t.compute_loss = compute_loss
+    return lambda: t.__dict__.pop("compute_loss", None)
+
+
+def _temperature(power):
+    def fault(t):
+        # the trainer's hidden state scaled by T^-power before the head: power 1 divides the logits by the temperature
+        # a second time, power -1 undoes TRL's division (temperature never applied). Reads the live temperature.
+        model = t.accelerator.unwrap_model(t.model)
+        norm = model.base_model.norm
+        handle = norm.register_forward_hook(lambda m, i, out: out / t.temperature ** power)
+        return handle.remove
+    return fault
+
+
+def _nan_logprob(t):
+    real = t.engine.sample
+
+    def sample(*args, **kwargs):
+        ids, lps = real(*args, **kwargs)
+        lps[0][len(lps[0]) // 2] = float("nan")  # one token the engine returns no finite logprob for
+        return ids, lps
+
+    t.engine.sample = sample
+
+
+def _padding_attended(t):
+    # the trainer's forward ignores the attention mask: padded positions are attended, so a sequence's logprobs depend
+    # on what it is batched with
+    real = t._get_per_token_logps_and_entropies
+
+    def score(model, input_ids, attention_mask, *args, **kwargs):
+        return real(model, input_ids, attention_mask.new_ones(attention_mask.shape), *args, **kwargs)
+
+    t._get_per_token_logps_and_entropies = score
+    return lambda: t.__dict__.pop("_get_per_token_logps_and_entropies", None)
+
+
+def _retokenize(t):
+    # the completion decoded to text and encoded again on its way to the loss (special tokens dropped on decode)
+    real, tok = t._generate_single_turn, t.processing_class
+
+    def generate(*args, **kwargs):
+        completion_ids, logprobs = real(*args, **kwargs)
+        ids = [tok.encode(tok.decode(c, skip_special_tokens=True), add_special_tokens=False) or c[:1]
+               for c in completion_ids]
+        return ids, [(lp + [lp[-1]] * len(n))[:len(n)] for lp, n in zip(logprobs, ids)]
+
+    t._generate_single_turn = generate
+    return lambda: t.__dict__.pop("_generate_single_turn", None)
+
+
 FAULTS = {f.name: f for f in (
     Fault("raw_logprobs", "logprobs_mode", "engine returns raw logprobs (vLLM V1's default) at T != 1", settings=_raw),
     Fault("dtype_mismatch", "dtype", "engine computes in another dtype than the trainer", settings=_dtype),
@@ -88,6 +172,20 @@ FAULTS = {f.name: f for f in (
     Fault("partial_weight_sync", "weight_sync", "one tensor is left stale at every sync", live=_partial),
     Fault("stale_prefix_cache", "prefix_cache", "prefix caching on, reset claims success and drops nothing",
           settings=_caching, live=_lying_reset),
+    Fault("prefix_cache_reset_refused", "prefix_cache_reset", "prefix caching on, a request in flight during the "
+          "sync: vLLM refuses the reset", settings=_caching, live=_reset_refused),
+    Fault("wake_without_reload", "weight_sync", "sleep mode: woken from level-2 sleep, weights never reloaded",
+          live=_wake_without_reload, run_when_na=False),
+    Fault("correction_not_applied", "correction_not_applied", "the loss path drops the importance weights",
+          live=_drop_ratio),
+    Fault("temperature_twice", "temperature", "the trainer divides the logits by the temperature twice",
+          live=_temperature(1)),
+    Fault("temperature_missing", "temperature", "the trainer never applies the temperature", live=_temperature(-1)),
+    Fault("non_finite_logprobs", "non_finite_logprobs", "the engine returns a NaN logprob", live=_nan_logprob),
+    Fault("padding_attended", "trainer_consistency", "the trainer's forward ignores the attention mask (padding "
+          "attended)", live=_padding_attended),
+    Fault("token_retokenized", "token_mismatch", "completions decoded and re-encoded before scoring",
+          live=_retokenize),
 )}
 
 
@@ -116,9 +214,13 @@ def run_with_faults(trainer, names: list[str], base_settings):
     trainer.replace_engine(settings)
     report = trainer.run_gate()
     live = [f for f in faults if f.live]
-    if live:
-        for f in live:
-            f.live(trainer)
-        perturb_weights(trainer)
-        report = trainer.run_gate()
+    undo = []
+    try:
+        if live:
+            undo = [u for u in (f.live(trainer) for f in live) if u is not None]
+            perturb_weights(trainer)
+            report = trainer.run_gate()
+    finally:
+        for u in undo:  # trainer-side faults outlive the engine: take them back out
+            u()
     return report

@@ -4,9 +4,12 @@ Deciding is a pure function of facts and measurements gathered elsewhere (engine
 trainer.py the trainer's). Nothing here imports vLLM or TRL, so every check is tested on hand-made facts.
 A failed check's `name` is the *cause* reported everywhere (logs, exceptions, correctness_report.json).
 
-Check names: logprobs_mode, dtype, lm_head_dtype, sampler, generation_config, prefix_cache, async_scheduling,
-weight_sync, mismatch, sampler_support.
+Check names: logprobs_mode, dtype, lm_head_dtype, sampler, generation_config, prefix_cache, prefix_cache_reset,
+async_scheduling, weight_sync, mismatch, sampler_support, non_finite_logprobs, ratio_clipped, correction_not_applied,
+temperature, token_mismatch, trainer_consistency.
 """
+
+import math
 
 from dataclasses import asdict, dataclass, field
 
@@ -186,9 +189,7 @@ def mismatch_check(stats: dict, thresholds: dict, label: str = "probe") -> Check
     """Compare mean/max |Δlogp| and k3 KL with thresholds (keys as in `stats`); non-finite tokens fail."""
     over = [f"{k}={stats[k]:.3g} > {thresholds[k]:.3g}" for k in ("mean_abs_logprob_diff", "max_abs_logprob_diff",
                                                                   "kl_k3") if not within(stats[k], thresholds[k])]
-    if stats.get("n_nonfinite"):
-        over.append(f"{stats['n_nonfinite']} non-finite logprobs")
-    if stats.get("n_tokens", 0) == 0:
+    if stats.get("n_tokens", 0) == 0 and not stats.get("n_nonfinite"):
         over.append("no tokens to compare")
     summary = (f"{label}: {stats.get('n_tokens', 0)} tokens, mean |Δ|={stats['mean_abs_logprob_diff']:.3g}, "
                f"p99={stats['p99_abs_logprob_diff']:.3g}, max={stats['max_abs_logprob_diff']:.3g}, "
@@ -196,3 +197,111 @@ def mismatch_check(stats: dict, thresholds: dict, label: str = "probe") -> Check
     return Check("mismatch", not over, summary + ("" if not over else "; over threshold: " + ", ".join(over)),
                  "" if not over else "find the failing static check above; if all pass, compare dtypes and "
                                      "kernels, or loosen the thresholds only with a measured reason")
+
+
+def non_finite_check(n_nonfinite: int, label: str = "probe") -> Check:
+    """NaN/inf logprobs on either side: the tokens are left out of every statistic and of the loss, and named here."""
+    return Check("non_finite_logprobs", not n_nonfinite,
+                 f"{label}: {n_nonfinite} token(s) with a NaN/inf logprob (trainer or engine), left out of the metrics "
+                 "and the loss" if n_nonfinite else f"{label}: every logprob finite on both sides",
+                 "" if not n_nonfinite else "look for overflow in the model (bf16/fp16 activations), NaN weights, or "
+                                            "tokens the engine returned no logprob for")
+
+
+def reset_check(reset_ok: bool | None) -> Check:
+    """The prefix cache's reset after a weight load: vLLM answers False when it refuses (blocks still held)."""
+    if reset_ok is None:
+        return Check("prefix_cache_reset", True, "prefix caching off: nothing to reset")
+    return Check("prefix_cache_reset", bool(reset_ok),
+                 "reset_prefix_cache() returned True after the weight load" if reset_ok else
+                 "reset_prefix_cache() returned False after the weight load: vLLM refused to drop cached blocks (a "
+                 "request still holds them), so KV computed with the old weights can be reused",
+                 "" if reset_ok else "finish or abort every in-flight request before the weight sync, or set "
+                                     "enable_prefix_caching: false")
+
+
+def clip_check(clip_frac: float, max_clip_frac: float, label: str = "probe") -> Check:
+    """Share of tokens whose importance weight was truncated or masked: above `max_clip_frac` the correction is no
+    longer a small fix of numerical noise but discards or reweights much of the batch."""
+    ok = within(clip_frac, max_clip_frac)
+    return Check("ratio_clipped", ok, f"{label}: {clip_frac:.1%} of tokens had their importance weight truncated or "
+                                      f"masked (limit {max_clip_frac:.0%})",
+                 "" if ok else "the ratios before truncation (correct/ratio/*) say how far off the engine is: fix the "
+                               "mismatch; a larger tis_cap or max_clip_frac only hides it")
+
+
+# Loss audit: the policy term is linear in the importance weights for every TRL loss type but vespo (whose gamma
+# weight takes the ratio inside a non-linear function). Relative tolerance on "linear": fp32 measured ~1e-7.
+LINEAR_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+AUDIT_RTOL = 1e-2
+
+
+def loss_audit_check(losses: list[float], grads: list[float], scales: tuple, linear: bool = True) -> Check:
+    """Does the correction reach the loss? `losses`/`grads`: the loss and a fixed projection of its gradient with the
+    importance weights multiplied by each of `scales` (0, 1, 2). The weights' effect must be non-zero and, for a
+    loss linear in them, grow by the same amount from x1 to x2 as from x0 to x1."""
+    name = "correction_not_applied"
+    dl = [losses[i + 1] - losses[i] for i in range(len(losses) - 1)]
+    dg = [grads[i + 1] - grads[i] for i in range(len(grads) - 1)]
+    shown = (f"loss at weights x{', x'.join(f'{s:g}' for s in scales)}: {', '.join(f'{v:.6g}' for v in losses)}; "
+             f"gradient projection: {', '.join(f'{v:.6g}' for v in grads)}")
+    fix = ("the loss path computes the importance weights but does not apply them (TRL #5031 / Liger #1082): make "
+           "the loss multiply each token's policy term by inputs['importance_sampling_ratio']")
+
+    def still(d, ref):
+        return not all(math.isfinite(x) for x in d) or abs(d[0]) <= 1e-7 * max(abs(ref), 1e-12)
+
+    if still(dl, losses[1]) or still(dg, grads[1]):
+        which = "the loss" if still(dl, losses[1]) else "the gradient"
+        return Check(name, False, f"{which} does not change when the importance weights change ({shown})", fix)
+    if linear:
+        off = [abs(d[1] - d[0]) / abs(d[0]) for d in (dl, dg)]
+        if max(off) > AUDIT_RTOL:
+            return Check(name, False, f"the weights do not enter the loss linearly, as TRL's loss applies them: "
+                                      f"x1->x2 changed the loss by {dl[1]:.6g} vs {dl[0]:.6g} for x0->x1 ({shown})",
+                         fix)
+    return Check(name, True, "the importance weights reach the loss and its gradient"
+                 + (" linearly (x0, x1, x2: equal steps within " + f"{max(off):.1e})" if linear else ""))
+
+
+def temperature_check(at_one: dict, at_t: dict, t: float, thresholds: dict, engine_ignores_t: bool = False) -> Check:
+    """Probe at temperature 1 and at `t`: dividing by the temperature once, twice or never is the same at T=1, so a
+    trainer that agrees with the engine at 1 but not at `t` applies the temperature a different number of times.
+    `engine_ignores_t`: the engine returns raw logprobs (the logprobs_mode check names that), so a temperature-only
+    drift is the engine's, not the trainer's."""
+    ok1 = mismatch_check(at_one, thresholds).passed
+    okt = mismatch_check(at_t, thresholds).passed
+    detail = (f"probe at T=1: mean |Δ|={at_one['mean_abs_logprob_diff']:.3g}; at T={t:g}: "
+              f"mean |Δ|={at_t['mean_abs_logprob_diff']:.3g}")
+    if engine_ignores_t:
+        return Check("temperature", True, detail + " (the engine's logprobs ignore the temperature: see "
+                                                   "logprobs_mode)")
+    if ok1 and not okt:
+        return Check("temperature", False, detail + ": the gap appears only away from T=1, so the trainer divides "
+                                                    "by the temperature more or fewer times than the engine",
+                     "apply the temperature once, in TRL's scoring head (args.temperature); remove any other "
+                     "division of the logits by it (or a generation_config temperature applied by the model)")
+    return Check("temperature", True, detail + (" (no temperature-only drift)" if okt else
+                                                " (the gap is there at T=1 too: not a temperature fault)"))
+
+
+def token_identity_check(n_rows: int, n_bad: int, example: str = "", label: str = "batch") -> Check:
+    """The trainer must score exactly the token ids the engine sampled; `n_bad` of `n_rows` sequences differ."""
+    return Check("token_mismatch", not n_bad,
+                 f"{label}: {n_bad} of {n_rows} completion(s) hold token ids the engine did not sample" +
+                 (f" ({example})" if example else "") if n_bad else
+                 f"{label}: the trainer scores exactly the token ids the engine sampled ({n_rows} completions)",
+                 "" if not n_bad else "never decode and re-encode a completion between the engine and the loss: "
+                                      "pass the engine's token ids through (multi-turn: append, never re-tokenise)")
+
+
+def self_consistency_check(stats: dict, max_abs: float) -> Check:
+    """The trainer's own logprobs of one batch scored whole and one sequence at a time: the floor under any
+    engine comparison. Above `max_abs` the trainer disagrees with itself by more than the gate allows."""
+    ok = within(stats["max_abs_logprob_diff"], max_abs) and not stats.get("n_nonfinite")
+    return Check("trainer_consistency", ok,
+                 f"trainer vs itself (micro-batch {stats.get('batch_size', '?')} vs 1): max |Δ|="
+                 f"{stats['max_abs_logprob_diff']:.3g}, mean {stats['mean_abs_logprob_diff']:.3g}" +
+                 ("" if ok else f" > {max_abs:.3g}"),
+                 "" if ok else "the trainer's logprobs depend on batch composition or padding: check the attention "
+                               "mask / position ids the model receives for padded rows")

@@ -15,6 +15,10 @@ MISMATCH_KEYS = ("mean_abs_logprob_diff", "p99_abs_logprob_diff", "max_abs_logpr
                  "ratio_outside_frac", "n_tokens", "n_nonfinite")
 # The write-up's health band for token ratios: exp(r) outside [0.8, 1.25] (symmetric in log space) counts as off-policy.
 RATIO_BAND = (0.8, 1.25)
+# The TIS cap's band: a ratio outside [0.5, 2] is one the default cap (2) truncates, or its mirror image.
+WIDE_BAND = (0.5, 2.0)
+RATIO_KEYS = ("ratio_min", "ratio_p1", "ratio_p99", "ratio_max", "tokens_outside_0.5_2", "tokens_outside_0.8_1.25",
+              "seqs_outside_0.5_2", "seqs_outside_0.8_1.25", "masked_frac")
 
 
 def valid_gaps(trainer_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor):
@@ -90,6 +94,47 @@ def weight_stats(w: torch.Tensor, hit: torch.Tensor) -> dict:
     sq = float((w * w).sum())
     return dict(clip_frac=float(hit.sum()) / n if n else 0.0,
                 ess=(float(w.sum()) ** 2 / (n * sq) if sq > 0 else 0.0) if n else 1.0)
+
+
+def sequence_gaps(trainer_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Flat float64 sum of r over each sequence's counted finite tokens (the log of the ratio sequence-level IS weighs
+    by), for sequences with at least one such token. Args [B, T]."""
+    r = trainer_logprobs.detach().double() - engine_logprobs.detach().double()
+    ok = mask.bool() & torch.isfinite(r)
+    return torch.where(ok, r, torch.zeros_like(r)).sum(dim=-1)[ok.any(dim=-1)]
+
+
+def ratio_stats(r: torch.Tensor, r_seq: torch.Tensor, w: torch.Tensor) -> dict:
+    """Importance-ratio diagnostics taken BEFORE truncation or masking (TRL #5231: statistics of the capped weights
+    let a healthy-looking mean hide a masked majority). All flat: r = per-token log ratios (`valid_gaps`), r_seq =
+    per-sequence log ratios (`sequence_gaps`), w = each counted token's applied weight (`per_token` of `is_weights`).
+
+    Returns ratio_min/p1/p99/max of exp(r); tokens_/seqs_outside_0.5_2 and _0.8_1.25: shares of token / sequence
+    ratios outside those bands; masked_frac: share of tokens whose applied weight is 0 (masked, or unscorable; the
+    share truncated or masked is `weight_stats`' clip_frac). Empty input gives ratio 1 and zero shares.
+    """
+    def exp(x):
+        return math.exp(min(float(x), 700.0))
+
+    def outside(x, band):
+        return float(((x < math.log(band[0])) | (x > math.log(band[1]))).double().mean()) if x.numel() else 0.0
+
+    out = dict(ratio_min=1.0, ratio_p1=1.0, ratio_p99=1.0, ratio_max=1.0)
+    if r.numel():
+        r = r.double()
+        lo, hi = (torch.quantile(r, torch.tensor([0.01, 0.99], dtype=r.dtype)) if r.numel() < 16_000_000
+                  else (r.min(), r.max()))
+        out = dict(ratio_min=exp(r.min()), ratio_p1=exp(lo), ratio_p99=exp(hi), ratio_max=exp(r.max()))
+    n = w.numel()
+    out.update({"tokens_outside_0.5_2": outside(r, WIDE_BAND), "tokens_outside_0.8_1.25": outside(r, RATIO_BAND),
+                "seqs_outside_0.5_2": outside(r_seq, WIDE_BAND), "seqs_outside_0.8_1.25": outside(r_seq, RATIO_BAND),
+                "masked_frac": float((w == 0).sum()) / n if n else 0.0})
+    return out
+
+
+def nonfinite_tokens(trainer_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor):
+    """[B, T] bool: counted tokens whose logprob is NaN/inf on either side (must leave the loss and every metric)."""
+    return mask.bool() & ~(torch.isfinite(trainer_logprobs) & torch.isfinite(engine_logprobs))
 
 
 def per_token(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,9 @@
 Overrides (each calls super() and post-processes):
 - __init__: builds the parent without its engine, then our `Engine` (engine.py) in its place.
 - train: runs the gate before step 0, switches TIS on only if it passes, writes correctness_report.json at the end.
-- _generate_and_score_completions: measures mismatch on the real batch every step and applies our TIS weights
-  (all ones until the gate has passed).
+- _generate_and_score_completions: measures mismatch on the real batch every step (before truncation too), drops
+  non-finite and out-of-support tokens from the loss, checks the scored token ids are the engine's, and applies
+  our TIS weights (all ones until the gate has passed).
 - (not a method) when the sampler does more than temperature, the policy's fused LM head is wrapped by head.py so
   every trainer logprob is taken under the engine's exact transform.
 Hooks for subclasses: engine_settings(), engine_weights(), trainer_facts(), probe_prompts(), on_gate_failure().
@@ -15,17 +16,23 @@ import json
 import logging
 import os
 import warnings
+from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 from accelerate.utils import gather_object, is_peft_model
 from trl import GRPOTrainer
-from trl.trainer.utils import pad
+from trl.trainer.utils import add_fused_lm_head, pad
 
+from .audit import generated_rows, loss_audit, self_consistency, token_identity
 from .config import CorrectGRPOConfig
 from .engine import Engine, EngineSettings, model_generation_defaults, sampler_order
-from .gate import Check, GateFailure, GateReport, mismatch_check, static_checks, support_check, weight_sync_check
+from .gate import (LINEAR_LOSS_TYPES, Check, GateFailure, GateReport, clip_check, loss_audit_check, mismatch_check,
+                   non_finite_check, reset_check, self_consistency_check, static_checks, support_check,
+                   temperature_check, token_identity_check, weight_sync_check)
 from .head import add_processed_head, reproducible
-from .numerics import is_weights, per_token, summarize_gaps, valid_gaps, weight_stats
+from .numerics import (RATIO_KEYS, is_weights, nonfinite_tokens, per_token, ratio_stats, sequence_gaps,
+                       summarize_gaps, valid_gaps, weight_stats)
 from .sampler import OUTSIDE_LOGPROB
 
 logger = logging.getLogger("trl_correct")
@@ -33,7 +40,11 @@ PROBE_SEED = 1234
 # Cached-prefix probe this many times worse than the uncached one = stale cache. Clean bf16 CPU runs measured the two
 # within 10 % (0.0067 vs 0.0072); a cache left stale across a 0.1-std weight move measured 4.7x (0.033 vs 0.007).
 STALE_FACTOR = 2.0
-METRIC_KEYS = ("mean_abs_logprob_diff", "p99_abs_logprob_diff", "max_abs_logprob_diff", "kl_k3", "clip_frac", "ess")
+METRIC_KEYS = ("mean_abs_logprob_diff", "p99_abs_logprob_diff", "max_abs_logprob_diff", "kl_k3", "clip_frac", "ess",
+               *RATIO_KEYS)
+# Second temperature of the temperature check when the config's is 1 (at T=1 a temperature applied twice or never
+# changes nothing, so the fault can only show away from it).
+ALT_TEMPERATURE = 0.7
 
 
 class CorrectGRPOTrainer(GRPOTrainer):
@@ -99,6 +110,7 @@ class CorrectGRPOTrainer(GRPOTrainer):
             fp32_lm_head=a.fp32_lm_head, seed=self.accelerator.process_index, max_model_len=a.vllm_max_model_length,
             max_num_seqs=max(a.probe_size, a.per_device_train_batch_size * a.steps_per_generation),
             gpu_memory_utilization=a.vllm_gpu_memory_utilization, trust_remote_code=a.trust_remote_code,
+            enable_sleep_mode=a.vllm_enable_sleep_mode,
             cpu_kv_cache_gib=a.vllm_kv_cache_gib, sampler=self.sampler, max_tokens=self.max_completion_length,
             generation_kwargs=dict(a.generation_kwargs or {}))
 
@@ -163,6 +175,8 @@ class CorrectGRPOTrainer(GRPOTrainer):
         if not self._in_training:
             return
         checks = [self._last_sync_check] if self.args.verify_weight_sync else []
+        if self.engine.settings.enable_prefix_caching:
+            checks.append(reset_check(self.engine.last_reset_ok))
         every = self.args.probe_interval
         if self.engine.settings.enable_prefix_caching or (every and self.state.global_step % every == 0):
             checks += self._probe_checks()[0]
@@ -175,18 +189,47 @@ class CorrectGRPOTrainer(GRPOTrainer):
             logger.warning("trl-correct gate passes again at step %d: TIS back on", self.state.global_step)
             self.tis_enabled = True
 
-    def probe(self, prompt_ids: list[list[int]] | None = None) -> dict:
-        """Engine samples from the probe prompts; the trainer scores the same tokens. Returns mismatch stats."""
+    def probe(self, prompt_ids: list[list[int]] | None = None, temperature: float | None = None) -> dict:
+        """Engine samples from the probe prompts; the trainer scores the same tokens (both at `temperature`, default
+        the config's). Returns mismatch stats, ratio diagnostics and clip_frac of the weights TIS would apply."""
         prompt_ids = self.probe_prompts() if prompt_ids is None else prompt_ids
+        t = self.temperature if temperature is None else temperature
         completion_ids, engine_lps = self.engine.sample(prompt_ids, max_tokens=self.args.probe_tokens,
-                                                        seed=PROBE_SEED + self.args.seed)
-        trainer_lps, mask = self.score(prompt_ids, completion_ids)
+                                                        seed=PROBE_SEED + self.args.seed, temperature=t)
+        with self.at_temperature(t):
+            trainer_lps, mask = self.score(prompt_ids, completion_ids)
         engine_lps = pad([torch.tensor(x, dtype=torch.float32) for x in engine_lps], padding_value=float("nan"),
                          padding_side="right").to(trainer_lps.device)
         outside = outside_support(trainer_lps, mask)
-        r, nonfinite = valid_gaps(trainer_lps, engine_lps, mask.bool() & ~outside)
+        counted = mask.bool() & ~outside
+        r, nonfinite = valid_gaps(trainer_lps, engine_lps, counted)
         self.last_probe_gaps = r.abs().float().cpu()  # the |Δlogp| distribution, for the doctor's plot
-        return dict(summarize_gaps(r, nonfinite), n_outside_support=int(outside.sum()))
+        self.last_probe_batch = (prompt_ids, completion_ids, trainer_lps, counted)
+        w, hit = is_weights(trainer_lps, engine_lps, counted, self.args.tis_mode, self.args.tis_cap)
+        w_tok = per_token(w, counted)
+        stats = dict(summarize_gaps(r, nonfinite), n_outside_support=int(outside.sum()))
+        stats.update(weight_stats(w_tok, hit[counted]))
+        stats.update(ratio_stats(r, sequence_gaps(trainer_lps, engine_lps, counted), w_tok))
+        return stats
+
+    @contextmanager
+    def at_temperature(self, t: float):
+        """Score at temperature `t` through the same path as always: TRL's fused head (and the processed head when
+        the sampler does more) re-installed at `t` for the duration, then the trainer's own head back."""
+        if t == self.temperature:
+            yield
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        saved = (model.forward, self.temperature, self.sampler)
+        self.temperature, self.sampler = t, replace(self.sampler, temperature=t)
+        add_fused_lm_head(model, temperature=t, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32,
+                          outputs=("log_probs", "entropy"))
+        if self.sampler.transforms and not self.sampler_unreproducible:
+            add_processed_head(model, self.sampler, fp32_head=self.args.cast_lm_head_to_fp32)
+        try:
+            yield
+        finally:
+            model.forward, self.temperature, self.sampler = saved
 
     @torch.no_grad()
     def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]):
@@ -212,12 +255,11 @@ class CorrectGRPOTrainer(GRPOTrainer):
         stats = self.probe(prompts)
         gaps = self.last_probe_gaps
         check = mismatch_check(stats, self.thresholds)
-        checks = [check] + ([support_check(stats["n_outside_support"], "probe")] if stats["n_outside_support"] else [])
+        checks = [check, non_finite_check(stats["n_nonfinite"]), clip_check(stats["clip_frac"],
+                                                                            self.args.max_clip_frac)]
+        checks += [support_check(stats["n_outside_support"], "probe")] if stats["n_outside_support"] else []
+        probe_batch = self.last_probe_batch
         if self.engine.settings.enable_prefix_caching:
-            if self.engine.last_reset_ok is False:
-                checks.append(Check("prefix_cache", False, "reset_prefix_cache() returned False after the sync: "
-                                                           "vLLM refused to drop cached blocks",
-                                    "set enable_prefix_caching: false"))
             # Differential: the same prompts with the first token changed cannot hit any cached block. A stale
             # cache shows as cached prompts scoring clearly worse than uncached ones (or failing while they pass).
             vocab = self.accelerator.unwrap_model(self.model).config.vocab_size
@@ -234,17 +276,44 @@ class CorrectGRPOTrainer(GRPOTrainer):
                     "computed with old weights were reused after the sync",
                     "set enable_prefix_caching: false (or make sure reset_prefix_cache() runs after every weight "
                     "load)"))
-        self.last_probe_gaps = gaps
+        self.last_probe_gaps, self.last_probe_batch = gaps, probe_batch
         return checks, stats
+
+    def _audit_checks(self, stats: dict, engine_ignores_t: bool = False) -> list[Check]:
+        """The full gate's checks beyond the probe: temperature applied once (a second probe, at T=1 or away from
+        it), trainer self-consistency and the loss audit (both on the probe's completions). `stats`: the probe's."""
+        prompts, completions, trainer_lps, mask = self.last_probe_batch
+        gaps = self.last_probe_gaps
+        if self.temperature == 1.0:
+            t, at_one, at_t = ALT_TEMPERATURE, stats, self.probe(prompts, temperature=ALT_TEMPERATURE)
+        else:
+            t, at_one, at_t = self.temperature, self.probe(prompts, temperature=1.0), stats
+        self.last_probe_gaps, self.last_probe_batch = gaps, (prompts, completions, trainer_lps, mask)
+        consistency = self_consistency(self, prompts, completions, trainer_lps, mask)
+        self.last_self_consistency = consistency
+        losses, grads = loss_audit(self, prompts, completions, trainer_lps)
+        rows, sampled = generated_rows(self)
+        n_bad, example = token_identity(rows, sampled)
+        n_rows, n_bad = (int(x) for x in self.accelerator.gather(
+            torch.tensor([[len(rows), n_bad]], device=self.accelerator.device)).sum(0))
+        return [token_identity_check(n_rows, n_bad, example, "generation through TRL's _generate"),
+                temperature_check(at_one, at_t, t, self.thresholds, engine_ignores_t),
+                self_consistency_check(consistency, self.thresholds["max_abs_logprob_diff"] / 2),
+                loss_audit_check(losses, grads, scales=(0.0, 1.0, 2.0),
+                                 linear=self.loss_type in LINEAR_LOSS_TYPES)]
 
     def run_gate(self) -> GateReport:
         """Sync the trainer's weights into the engine, then run every check. Does not apply the policy."""
         self.engine.sync_weights()
         self._last_loaded_step = self.state.global_step
         checks = static_checks(self.trainer_facts(), self.engine.facts())
+        if self.engine.settings.enable_prefix_caching:
+            checks.append(reset_check(self.engine.last_reset_ok))
         if self.args.verify_weight_sync:
             checks.append(self._last_sync_check)
         probe_checks, stats = self._probe_checks()
+        raw = not next(c for c in checks if c.name == "logprobs_mode").passed
+        probe_checks += self._audit_checks(stats, engine_ignores_t=raw)
         report = GateReport(tuple(checks + probe_checks), dict(stats, thresholds=self.thresholds,
                                                                thresholds_reason=self.thresholds_reason))
         return self._merge(report)
@@ -275,6 +344,7 @@ class CorrectGRPOTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
+        sampled = self.engine.take_sampled()
         if not self.model.training:
             return out
         step = self.state.global_step
@@ -284,34 +354,63 @@ class CorrectGRPOTrainer(GRPOTrainer):
                                                 f"step {step} (last sync at step {self._synced_step})",
                           "the trainer's sync hook was skipped: make sure sync_weights() runs after every update")
             self.on_gate_failure(GateReport((check,)), f"at step {step}")
+        label = f"batch at step {step}"
+        identity = self._token_identity(out, sampled, label)
         mask = out["completion_mask"] if "tool_mask" not in out else out["completion_mask"] * out["tool_mask"]
         trainer_lps, engine_lps = out["old_per_token_logps"], out["sampling_per_token_logps"]
         outside = outside_support(trainer_lps, mask)
-        n_outside = int(self.accelerator.gather(torch.tensor([int(outside.sum())], device=mask.device)).sum())
-        if n_outside:  # never train on a token the trainer's policy cannot produce: drop it, and fail the gate
-            out["completion_mask"] = out["completion_mask"] * ~outside
-            mask = mask * ~outside
-            self.on_gate_failure(GateReport((support_check(n_outside, f"batch at step {step}"),)), f"at step {step}")
-        r, nonfinite = valid_gaps(trainer_lps, engine_lps, mask)
+        nonfinite = nonfinite_tokens(trainer_lps, engine_lps, mask)
+        n_outside, n_nonfinite = (int(x) for x in self.accelerator.gather(
+            torch.tensor([[int(outside.sum()), int(nonfinite.sum())]], device=mask.device)).sum(0))
+        if n_outside or n_nonfinite:  # never train on a token the trainer cannot produce or either side cannot score
+            keep = ~(outside | nonfinite)
+            out["completion_mask"] = out["completion_mask"] * keep
+            mask = mask * keep
+            out["old_per_token_logps"] = trainer_lps = torch.where(nonfinite, 0.0, trainer_lps)
+            out["sampling_per_token_logps"] = engine_lps = torch.where(nonfinite, 0.0, engine_lps)
+        r, _ = valid_gaps(trainer_lps, engine_lps, mask)
         w, hit = is_weights(trainer_lps, engine_lps, mask, self.args.tis_mode, self.args.tis_cap)
-        gathered = [self._gather_flat(x) for x in (r, per_token(w, mask), hit[mask.bool()].float())]
-        total_nonfinite = int(self.accelerator.gather(torch.tensor([nonfinite], device=r.device)).sum())
-        stats = summarize_gaps(gathered[0], total_nonfinite)
+        gathered = [self._gather_flat(x) for x in (r, per_token(w, mask), hit[mask.bool()].float(),
+                                                   sequence_gaps(trainer_lps, engine_lps, mask))]
+        stats = summarize_gaps(gathered[0], n_nonfinite)
         stats.update(weight_stats(gathered[1], gathered[2]))
-        check = mismatch_check(stats, self.thresholds, label=f"batch at step {step}")
-        if not check.passed and self.tis_enabled:
-            self.on_gate_failure(GateReport((check,), stats), f"on the training batch at step {step}")
+        stats.update(ratio_stats(gathered[0], gathered[3], gathered[1]))
+        check = mismatch_check(stats, self.thresholds, label=label)
+        failed = [c for c in (identity, support_check(n_outside, label), non_finite_check(n_nonfinite, label))
+                  if not c.passed]
+        if self.tis_enabled:  # a drifting gap is reported once: it switches TIS off
+            failed += [c for c in (check, clip_check(stats["clip_frac"], self.args.max_clip_frac, label))
+                       if not c.passed]
+        if failed:
+            self.on_gate_failure(GateReport(tuple(failed), stats), f"on the training batch at step {step}")
         out["importance_sampling_ratio"] = w if self.tis_enabled else torch.ones_like(w)
-        gate_passed = bool(self.gate_report and self.gate_report.passed and check.passed)
+        gate_passed = bool(self.gate_report and self.gate_report.passed and check.passed and not failed)
         record = {"step": step, "tis_enabled": self.tis_enabled, "gate_passed": gate_passed,
-                  **{k: stats[k] for k in METRIC_KEYS}, "n_tokens": stats["n_tokens"]}
+                  **{k: stats[k] for k in METRIC_KEYS}, "n_tokens": stats["n_tokens"], "n_nonfinite": n_nonfinite}
         for ours, trl_key in (("reward", "reward"), ("completion_length", "completions/mean_length")):
             if self._metrics["train"].get(trl_key):  # TRL appended this batch's value (all ranks) during super()
                 record[ours] = self._metrics["train"][trl_key][-1]
         self.step_records.append(record)
         for k in ("gate_passed", "tis_enabled", *METRIC_KEYS):
-            self._metrics["train"][f"correct/{k}"].append(float(record[k]))
+            name = f"correct/ratio/{k.removeprefix('ratio_')}" if k in RATIO_KEYS else f"correct/{k}"
+            self._metrics["train"][name].append(float(record[k]))
         return out
+
+    def _token_identity(self, out: dict, sampled: dict, label: str) -> Check:
+        """Every scored completion must hold the token ids the engine sampled for its prompt (model tokens only)."""
+        cmask = out["completion_mask"].bool()
+        rows = []
+        for i in range(cmask.size(0)):
+            n = int(cmask[i].nonzero().max()) + 1 if cmask[i].any() else 0
+            if not n:  # nothing of this completion is scored (e.g. a masked truncated completion)
+                continue
+            prompt = out["prompt_ids"][i][out["prompt_mask"][i].bool()].tolist()
+            flags = out["tool_mask"][i][:n].bool().tolist() if "tool_mask" in out else [True] * n
+            rows.append((prompt, out["completion_ids"][i][:n].tolist(), flags))
+        n_bad, example = token_identity(rows, sampled)
+        n_rows, n_bad = (int(x) for x in self.accelerator.gather(
+            torch.tensor([[len(rows), n_bad]], device=cmask.device)).sum(0))
+        return token_identity_check(n_rows, n_bad, example, label)
 
     def _gather_flat(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate a 1-D tensor of any length from every rank."""

@@ -1,0 +1,145 @@
+"""Trainer-side measurements the gate needs beyond the probe's |Δlogp|:
+
+- loss audit: the importance weights really reach the loss and its gradient (TRL #5031 / Liger #1082: a loss path
+  that computes the ratio and drops it trains uncorrected, grad norm x100, without a word);
+- self-consistency: the trainer's logprobs of a batch scored whole vs one sequence at a time (the floor under any
+  engine comparison: padding and batch shape must not move them beyond the dtype's noise);
+- token identity: every completion the trainer scores holds exactly the token ids the engine sampled (no decode ->
+  re-encode anywhere on the path, multi-turn included).
+
+Each returns measurements; gate.py decides. Knows TRL's loss inputs; nothing of vLLM.
+"""
+
+from contextlib import contextmanager
+
+import torch
+from trl.trainer.utils import pad
+
+from .numerics import summarize_gaps, valid_gaps
+
+AUDIT_SCALES = (0.0, 1.0, 2.0)  # the importance weights times these: the policy term must move by equal steps
+AUDIT_SEED = 4321
+
+
+def _padded(rows: list[list[int]], value, side: str, dtype=torch.long) -> torch.Tensor:
+    return pad([torch.tensor(x, dtype=dtype) for x in rows], padding_value=value, padding_side=side)
+
+
+def loss_inputs(trainer, prompt_ids, completion_ids, trainer_logprobs: torch.Tensor) -> dict:
+    """The dict TRL's `compute_loss` takes, for the given prompts/completions: on-policy (old = trainer logprobs),
+    every advantage 1 (so the policy term cannot cancel), importance weights to be set by the caller."""
+    device = trainer.accelerator.device
+    pad_id = trainer._tokenizer.pad_token_id
+    ones = [[1] * len(x) for x in prompt_ids]
+    cmask = _padded([[1] * len(x) for x in completion_ids], 0, "right").to(device)
+    old = trainer_logprobs.detach().float().nan_to_num(0.0)
+    inputs = dict(prompt_ids=_padded(prompt_ids, pad_id, "left").to(device),
+                  prompt_mask=_padded(ones, 0, "left").to(device),
+                  completion_ids=_padded(completion_ids, pad_id, "right").to(device), completion_mask=cmask,
+                  advantages=torch.ones(len(prompt_ids), device=device), old_per_token_logps=old,
+                  sampling_per_token_logps=old, num_items_in_batch=cmask.sum().float())
+    if trainer.beta != 0.0:
+        inputs["ref_per_token_logps"] = old
+    return inputs
+
+
+@contextmanager
+def side_effects_undone(trainer):
+    """TRL's loss appends to the trainer's metrics (and adaptive-entropy state): the audit must leave no trace."""
+    lengths = {mode: {k: len(v) for k, v in d.items()} for mode, d in trainer._metrics.items()}
+    saved = {k: getattr(trainer, k) for k in ("_entropy_window_stats", "entropy_coef", "_last_world_entropy")
+             if hasattr(trainer, k)}
+    had_steps = hasattr(trainer, "current_gradient_accumulation_steps")
+    if not had_steps:
+        trainer.current_gradient_accumulation_steps = 1
+    try:
+        yield
+    finally:
+        for mode, d in trainer._metrics.items():
+            for k in list(d):
+                if k not in lengths.get(mode, {}):
+                    del d[k]
+                else:
+                    del d[k][lengths[mode][k]:]
+        for k, v in saved.items():
+            setattr(trainer, k, v)
+        if not had_steps:
+            del trainer.current_gradient_accumulation_steps
+
+
+def loss_audit(trainer, prompt_ids, completion_ids, trainer_logprobs) -> tuple[list[float], list[float]]:
+    """The trainer's own `compute_loss` on these completions with the importance weights (a fixed pattern in
+    [0.5, 1.5], per token or per sequence as `tis_mode`) times each of AUDIT_SCALES. Returns (losses, gradient
+    projections <grad, params>). Runs the unwrapped model (no DDP reducer); collectives inside the loss run on
+    every rank, as the gate does."""
+    inputs = loss_inputs(trainer, prompt_ids, completion_ids, trainer_logprobs)
+    mask = inputs["completion_mask"]
+    gen = torch.Generator().manual_seed(AUDIT_SEED)
+    shape = (mask.size(0), 1) if trainer.args.tis_mode.startswith("sequence") else tuple(mask.shape)
+    base = (0.5 + torch.rand(shape, generator=gen)).to(mask.device)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses, grads = [], []
+    with side_effects_undone(trainer), torch.enable_grad():
+        for s in AUDIT_SCALES:
+            loss = trainer.compute_loss(model, dict(inputs, importance_sampling_ratio=base * s))
+            g = torch.autograd.grad(loss, params, allow_unused=True)
+            losses.append(float(loss.detach()))
+            grads.append(sum(float((gi.double() * p.detach().double()).sum()) for gi, p in zip(g, params)
+                             if gi is not None))
+    return losses, grads
+
+
+def self_consistency(trainer, prompt_ids, completion_ids, batch_logprobs: torch.Tensor, mask: torch.Tensor) -> dict:
+    """Mismatch statistics of the trainer's logprobs scored as one batch (`batch_logprobs` [B, T]) against the same
+    sequences scored one at a time (no padding, batch 1)."""
+    singles = [trainer.score([p], [c])[0][0] for p, c in zip(prompt_ids, completion_ids)]
+    single = pad([x.float() for x in singles], padding_value=float("nan"), padding_side="right")
+    single = single.to(batch_logprobs.device)
+    width = min(single.size(1), batch_logprobs.size(1))
+    r, nonfinite = valid_gaps(batch_logprobs[:, :width], single[:, :width], mask[:, :width])
+    return dict(summarize_gaps(r, nonfinite), batch_size=min(trainer.args.per_device_train_batch_size,
+                                                             len(prompt_ids)))
+
+
+def generated_rows(trainer) -> tuple[list, dict]:
+    """Generate for the first `probe_size` training prompts through TRL's own `_generate` (the path every batch
+    takes, subclass overrides and tool loops included), as the gate's dry batch. Returns (rows for
+    `token_identity`, what the engine sampled meanwhile)."""
+    n = min(trainer.args.probe_size, len(trainer.train_dataset))
+    prompts = [trainer.train_dataset[i]["prompt"] for i in range(n)]
+    trainer.engine.take_sampled()
+    with side_effects_undone(trainer):
+        prompt_ids, completion_ids, tool_mask, *_ = trainer._generate(prompts)
+    rows = [(list(p), list(c), [bool(x) for x in tool_mask[i]] if tool_mask else [True] * len(c))
+            for i, (p, c) in enumerate(zip(prompt_ids, completion_ids))]
+    return rows, trainer.engine.take_sampled()
+
+
+def token_identity(rows, sampled: dict) -> tuple[int, str]:
+    """How many `rows` hold token ids the engine did not sample, and one example.
+
+    rows: (prompt ids, completion ids as scored, model-token flags) per sequence; flags are False for tokens the
+    engine did not generate (tool output). sampled: {prompt ids tuple: [completion ids tuple, ...]} as the engine
+    generated them. A completion is walked from its prompt: each run of model tokens must be one of the engine's
+    completions for the context so far (a scored completion may stop early: TRL masks after EOS)."""
+    pool = {k: list(v) for k, v in sampled.items()}
+    bad, example = 0, ""
+    for prompt, comp, is_model in rows:
+        pos, ok = 0, True
+        while pos < len(comp) and ok:
+            if not is_model[pos]:
+                pos += 1
+                continue
+            cands = pool.get(tuple(prompt) + tuple(comp[:pos]), [])
+            match = next((c for c in cands if c and tuple(comp[pos:pos + len(c)]) == c[:len(comp) - pos]), None)
+            if match is None:
+                ok = False
+                seen = cands[0] if cands else None
+                example = example or (f"scored {list(comp[pos:pos + 8])}..., engine sampled "
+                                      f"{list(seen[:8]) if seen else 'nothing for this context'}...")
+            else:
+                cands.remove(match)
+                pos += len(match)
+        bad += not ok
+    return bad, example
