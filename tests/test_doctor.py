@@ -14,6 +14,12 @@ MISMATCH = {"mean_abs_logprob_diff", "p99_abs_logprob_diff", "max_abs_logprob_di
             "n_tokens"}
 
 
+# faults that cannot show on this setup (fp32 trainer on a CPU): what the row's note says instead
+NOT_HERE = {"bf16_head_trainer_side": "fp32", "wake_without_reload": "sleep mode"}
+# faults caught by their own check while the probe's logprobs stay at the floor: that is the point of naming them
+LOGPROBS_UNTOUCHED = {"correction_not_applied", "non_finite_logprobs", "token_retokenized"}
+
+
 def doctor(tmp_path, *flags):
     out = tmp_path / "doctor.json"
     p = subprocess.run([*DOCTOR, "--json", str(out), "--output_dir", str(tmp_path / "run"), *flags], cwd=ROOT,
@@ -29,19 +35,20 @@ def test_selftest_catches_every_fault_with_its_cause(tmp_path):
     assert rep["verdict"] == "pass" and rep["causes"] == [] and set(rep["mismatch"]) == MISMATCH
     assert all(set(c) == {"name", "passed", "detail", "fix"} for c in rep["checks"])
     settings = [r["setting"] for r in rep["ablation"]]
-    assert settings == ["default (trl-correct)", *FAULTS, "async scheduling on"]
+    assert settings == ["default (trl-correct)", "trainer vs itself (batch vs 1)", *FAULTS, "async scheduling on"]
     assert all(MISMATCH | {"setting", "verdict"} <= set(r) for r in rep["ablation"])
-    default = rep["ablation"][0]
-    for row in rep["ablation"][1:len(FAULTS) + 1]:  # every fault is worse than the clean floor, and fails
-        if row["setting"] == "bf16_head_trainer_side":  # fp32 trainer: its head is fp32 anyway
-            assert row["verdict"] == "n/a" and "fp32" in row["note"]
+    default, floor = rep["ablation"][:2]
+    assert floor["verdict"] == "pass" and floor["max_abs_logprob_diff"] < 1e-5 and floor["n_tokens"] > 0, floor
+    for row in rep["ablation"][2:len(FAULTS) + 2]:  # every fault fails; those that bend logprobs move them 100x
+        if row["setting"] in NOT_HERE:
+            assert row["verdict"] == "n/a" and NOT_HERE[row["setting"]] in row["note"], row
             continue
         # a partly reloaded layer holds uninitialised memory: the engine may then emit no token at all (n_tokens 0)
         moved = row["max_abs_logprob_diff"] > 100 * default["max_abs_logprob_diff"] or row["n_tokens"] == 0
-        assert row["verdict"] == "fail" and moved, row
+        assert row["verdict"] == "fail" and (moved or row["setting"] in LOGPROBS_UNTOUCHED), row
     assert [s["fault"] for s in rep["selftest"]] == list(FAULTS)
     for s in rep["selftest"]:
-        if s["fault"] == "bf16_head_trainer_side":
+        if s["fault"] in NOT_HERE:
             assert s["detected"] is None
             continue
         assert s["detected"] is True and s["expected"] in s["causes"], s
@@ -67,4 +74,5 @@ def test_selftest_in_bf16_on_cpu(tmp_path):
     p, rep = doctor(tmp_path, "--selftest", "--bf16", "true", "--use_cpu", "true")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "bfloat16" in next(c["detail"] for c in rep["checks"] if c["name"] == "dtype")
-    assert all(s["detected"] for s in rep["selftest"]), rep["selftest"]
+    assert all(s["detected"] or (s["fault"] == "wake_without_reload" and s["detected"] is None)
+               for s in rep["selftest"]), rep["selftest"]

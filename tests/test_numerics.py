@@ -132,11 +132,12 @@ def test_nonfinite_tokens_either_side_and_only_counted_ones():
 
 
 def test_token_identity_walk():
-    sampled = {(1, 2): [(5, 6, 0), (5, 7, 0)], (9,): [(3, 4)], (9, 3, 4, 88, 89): [(10, 0)]}
+    sampled = {(1, 2): [(5, 6, 0), (5, 7, 8, 0)], (9,): [(3, 4)], (9, 3, 4, 88, 89): [(10, 0)]}
     rows = [((1, 2), [5, 6, 0], [True] * 3),                                  # exact
-            ((1, 2), [5, 7], [True] * 2),                                     # scored up to EOS-masking: a prefix
+            ((1, 2), [5, 7, 8], [True] * 3),                                  # scored up to an EOS id (8) only
             ((9,), [3, 4, 88, 89, 10, 0], [True, True, False, False, True, True])]  # tool output in between
-    assert token_identity(rows, sampled) == (0, "")
+    assert token_identity(rows, sampled, eos_ids=(0, 8)) == (0, "")
+    assert token_identity(rows, sampled, eos_ids=(0,))[0] == 1  # cut where no EOS is: a dropped token
     bad, example = token_identity([((1, 2), [5, 8, 0], [True] * 3), ((4,), [1], [True])], sampled)
     assert bad == 2 and "engine sampled [5, 6, 0]" in example
     # one engine completion cannot vouch for two scored ones

@@ -116,14 +116,16 @@ def generated_rows(trainer) -> tuple[list, dict]:
     return rows, trainer.engine.take_sampled()
 
 
-def token_identity(rows, sampled: dict) -> tuple[int, str]:
+def token_identity(rows, sampled: dict, eos_ids=()) -> tuple[int, str]:
     """How many `rows` hold token ids the engine did not sample, and one example.
 
     rows: (prompt ids, completion ids as scored, model-token flags) per sequence; flags are False for tokens the
     engine did not generate (tool output). sampled: {prompt ids tuple: [completion ids tuple, ...]} as the engine
     generated them. A completion is walked from its prompt: each run of model tokens must be one of the engine's
-    completions for the context so far (a scored completion may stop early: TRL masks after EOS)."""
+    completions for the context so far. It may stop early only on one of `eos_ids` (TRL masks after any EOS id it
+    knows, which the engine may not stop at); a completion cut anywhere else (e.g. EOS dropped by a decode) fails."""
     pool = {k: list(v) for k, v in sampled.items()}
+    eos = set(eos_ids)
     bad, example = 0, ""
     for prompt, comp, is_model in rows:
         pos, ok = 0, True
@@ -132,7 +134,8 @@ def token_identity(rows, sampled: dict) -> tuple[int, str]:
                 pos += 1
                 continue
             cands = pool.get(tuple(prompt) + tuple(comp[:pos]), [])
-            match = next((c for c in cands if c and tuple(comp[pos:pos + len(c)]) == c[:len(comp) - pos]), None)
+            match = next((c for c in cands if c and tuple(comp[pos:pos + len(c)]) == c[:len(comp) - pos]
+                          and (pos + len(c) <= len(comp) or comp[-1] in eos)), None)
             if match is None:
                 ok = False
                 seen = cands[0] if cands else None

@@ -293,7 +293,7 @@ class CorrectGRPOTrainer(GRPOTrainer):
         self.last_self_consistency = consistency
         losses, grads = loss_audit(self, prompts, completions, trainer_lps)
         rows, sampled = generated_rows(self)
-        n_bad, example = token_identity(rows, sampled)
+        n_bad, example = token_identity(rows, sampled)  # whole completions, as generated: no EOS masking yet
         n_rows, n_bad = (int(x) for x in self.accelerator.gather(
             torch.tensor([[len(rows), n_bad]], device=self.accelerator.device)).sum(0))
         return [token_identity_check(n_rows, n_bad, example, "generation through TRL's _generate"),
@@ -407,7 +407,7 @@ class CorrectGRPOTrainer(GRPOTrainer):
             prompt = out["prompt_ids"][i][out["prompt_mask"][i].bool()].tolist()
             flags = out["tool_mask"][i][:n].bool().tolist() if "tool_mask" in out else [True] * n
             rows.append((prompt, out["completion_ids"][i][:n].tolist(), flags))
-        n_bad, example = token_identity(rows, sampled)
+        n_bad, example = token_identity(rows, sampled, self.eos_token_ids)
         n_rows, n_bad = (int(x) for x in self.accelerator.gather(
             torch.tensor([[len(rows), n_bad]], device=cmask.device)).sum(0))
         return token_identity_check(n_rows, n_bad, example, label)
