@@ -59,7 +59,8 @@ def test_inject_names_the_cause_and_exits_zero(tmp_path):
     p, rep = doctor(tmp_path, "--inject", "stale_prefix_cache")
     assert p.returncode == 0, p.stderr[-3000:]
     assert rep["verdict"] == "fail" and "prefix_cache" in rep["causes"]
-    assert [r["setting"] for r in rep["ablation"]] == ["default (trl-correct)", "injected: stale_prefix_cache"]
+    assert [r["setting"] for r in rep["ablation"]] == ["default (trl-correct)", "trainer vs itself (batch vs 1)",
+                                                       "injected: stale_prefix_cache"]
 
 
 def test_exit_code_is_nonzero_when_the_cause_is_not_named(tmp_path):
