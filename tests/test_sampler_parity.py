@@ -70,7 +70,9 @@ def test_token_outside_trainer_kept_set_is_a_named_failure(make_trainer):
 
 class RecordsLossMask(EngineSamplesFullVocab):
     def _compute_loss(self, model, inputs):
-        self.seen = getattr(self, "seen", []) + [(inputs["completion_mask"].clone(), inputs["old_per_token_logps"])]
+        if self._in_training:  # not the gate's loss audit, which runs this loss on its own test batch
+            self.seen = getattr(self, "seen", []) + [(inputs["completion_mask"].clone(),
+                                                      inputs["old_per_token_logps"])]
         return super()._compute_loss(model, inputs)
 
 

@@ -24,6 +24,7 @@ class Fault:
     live: Callable | None = None  # (trainer) -> None or an undo callable; breaks the built engine's or trainer's path
     trainer_flags: tuple = ()  # recipe flags for a trainer built with the fault (the doctor builds a second one)
     run_when_na: bool = True  # the doctor still shows the row when not applicable (e.g. raw logprobs at T=1 pass)
+    moves_probe: bool = True  # False: the probe's logprobs stay at the floor; only the fault's own check can name it
 
     def applicable(self, trainer) -> str | None:
         """None, or why this fault cannot show on this setup."""
@@ -177,15 +178,16 @@ FAULTS = {f.name: f for f in (
     Fault("wake_without_reload", "weight_sync", "sleep mode: woken from level-2 sleep, weights never reloaded",
           live=_wake_without_reload, run_when_na=False),
     Fault("correction_not_applied", "correction_not_applied", "the loss path drops the importance weights",
-          live=_drop_ratio),
+          live=_drop_ratio, moves_probe=False),
     Fault("temperature_twice", "temperature", "the trainer divides the logits by the temperature twice",
           live=_temperature(1)),
     Fault("temperature_missing", "temperature", "the trainer never applies the temperature", live=_temperature(-1)),
-    Fault("non_finite_logprobs", "non_finite_logprobs", "the engine returns a NaN logprob", live=_nan_logprob),
+    Fault("non_finite_logprobs", "non_finite_logprobs", "the engine returns a NaN logprob", live=_nan_logprob,
+          moves_probe=False),
     Fault("padding_attended", "trainer_consistency", "the trainer's forward ignores the attention mask (padding "
           "attended)", live=_padding_attended),
     Fault("token_retokenized", "token_mismatch", "completions decoded and re-encoded before scoring",
-          live=_retokenize),
+          live=_retokenize, moves_probe=False),
 )}
 
 
