@@ -8,7 +8,8 @@ Overrides (each calls super() and post-processes):
   our TIS weights (all ones until the gate has passed).
 - (not a method) when the sampler does more than temperature, the policy's fused LM head is wrapped by head.py so
   every trainer logprob is taken under the engine's exact transform.
-Hooks for subclasses: engine_settings(), engine_weights(), trainer_facts(), probe_prompts(), on_gate_failure().
+Hooks for subclasses: engine_settings(), engine_weights(), trainer_facts(), probe_prompts(), extra_checks(),
+correction(), on_gate_failure().
 """
 
 import gc
@@ -141,6 +142,18 @@ class CorrectGRPOTrainer(GRPOTrainer):
             ids = [(filler * (need // max(len(filler), 1) + 1))[: max(need - len(p), 0)] + p for p in ids]
         return ids
 
+    def extra_checks(self) -> list[Check]:
+        """Your own gate checks, run with every full gate (before step 0, and every `probe_interval` steps) after the
+        built-in ones; a failing Check blocks TIS like any other and its `name` is reported as the cause. The probe's
+        batch is in `self.last_probe_batch` (prompt ids, completion ids, trainer logprobs [B, T], mask [B, T])."""
+        return []
+
+    def correction(self, trainer_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor):
+        """The importance weights applied once the gate passes: (weights [B, T] or [B, 1], hit [B, T] bool: tokens
+        whose weight was truncated or masked). Default: TIS per `tis_mode` / `tis_cap`. Override for another
+        correction; the loss audit proves it reaches the loss, and the clip share and ratio metrics follow it."""
+        return is_weights(trainer_logprobs, engine_logprobs, mask, self.args.tis_mode, self.args.tis_cap)
+
     def on_gate_failure(self, report: GateReport, when: str) -> None:
         """Apply the gate policy to a failed report: TIS goes off in every policy; enforce saves a checkpoint (when
         training has started) and raises; warn warns loudly and trains on uncorrected; observe only logs."""
@@ -181,7 +194,7 @@ class CorrectGRPOTrainer(GRPOTrainer):
         if self.engine.settings.enable_prefix_caching or (every and self.state.global_step % every == 0):
             checks += self._probe_checks()[0]
         if every and self.state.global_step % every == 0:
-            checks += static_checks(self.trainer_facts(), self.engine.facts())
+            checks += static_checks(self.trainer_facts(), self.engine.facts()) + list(self.extra_checks())
         report = self._merge(GateReport(tuple(checks)))
         if not report.passed:
             self.on_gate_failure(report, f"after the weight sync at step {self.state.global_step}")
@@ -205,7 +218,7 @@ class CorrectGRPOTrainer(GRPOTrainer):
         r, nonfinite = valid_gaps(trainer_lps, engine_lps, counted)
         self.last_probe_gaps = r.abs().float().cpu()  # the |Δlogp| distribution, for the doctor's plot
         self.last_probe_batch = (prompt_ids, completion_ids, trainer_lps, counted)
-        w, hit = is_weights(trainer_lps, engine_lps, counted, self.args.tis_mode, self.args.tis_cap)
+        w, hit = self.correction(trainer_lps, engine_lps, counted)
         w_tok = per_token(w, counted)
         stats = dict(summarize_gaps(r, nonfinite), n_outside_support=int(outside.sum()))
         stats.update(weight_stats(w_tok, hit[counted]))
@@ -313,7 +326,7 @@ class CorrectGRPOTrainer(GRPOTrainer):
             checks.append(self._last_sync_check)
         probe_checks, stats = self._probe_checks()
         raw = not next(c for c in checks if c.name == "logprobs_mode").passed
-        probe_checks += self._audit_checks(stats, engine_ignores_t=raw)
+        probe_checks += self._audit_checks(stats, engine_ignores_t=raw) + list(self.extra_checks())
         report = GateReport(tuple(checks + probe_checks), dict(stats, thresholds=self.thresholds,
                                                                thresholds_reason=self.thresholds_reason))
         return self._merge(report)
@@ -369,7 +382,7 @@ class CorrectGRPOTrainer(GRPOTrainer):
             out["old_per_token_logps"] = trainer_lps = torch.where(nonfinite, 0.0, trainer_lps)
             out["sampling_per_token_logps"] = engine_lps = torch.where(nonfinite, 0.0, engine_lps)
         r, _ = valid_gaps(trainer_lps, engine_lps, mask)
-        w, hit = is_weights(trainer_lps, engine_lps, mask, self.args.tis_mode, self.args.tis_cap)
+        w, hit = self.correction(trainer_lps, engine_lps, mask)
         gathered = [self._gather_flat(x) for x in (r, per_token(w, mask), hit[mask.bool()].float(),
                                                    sequence_gaps(trainer_lps, engine_lps, mask))]
         stats = summarize_gaps(gathered[0], n_nonfinite)
