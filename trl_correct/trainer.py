@@ -2,7 +2,9 @@
 
 Overrides (each calls super() and post-processes):
 - __init__: builds the parent without its engine, then our `Engine` (engine.py) in its place.
-- train: runs the gate before step 0, switches TIS on only if it passes, writes correctness_report.json at the end.
+- train: runs the gate before step 0 (on a resume: after loading the checkpoint's weights and gate history), switches
+  TIS on only if it passes, writes correctness_report.json at the end.
+- _save_checkpoint: adds the gate state (correctness_state.json) to every TRL checkpoint.
 - _generate_and_score_completions: measures mismatch on the real batch every step (before truncation too), drops
   non-finite and out-of-support tokens from the loss, checks the scored token ids are the engine's, and applies
   our TIS weights (all ones until the gate has passed).
@@ -23,6 +25,7 @@ from dataclasses import replace
 import torch
 from accelerate.utils import gather_object, is_peft_model
 from trl import GRPOTrainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl.trainer.utils import add_fused_lm_head, pad
 
 from .audit import generated_rows, loss_audit, self_consistency, token_identity
@@ -41,6 +44,7 @@ PROBE_SEED = 1234
 # Cached-prefix probe this many times worse than the uncached one = stale cache. Clean bf16 CPU runs measured the two
 # within 10 % (0.0067 vs 0.0072); a cache left stale across a 0.1-std weight move measured 4.7x (0.033 vs 0.007).
 STALE_FACTOR = 2.0
+STATE_FILE = "correctness_state.json"  # the gate's state inside each checkpoint folder
 METRIC_KEYS = ("mean_abs_logprob_diff", "p99_abs_logprob_diff", "max_abs_logprob_diff", "kl_k3", "clip_frac", "ess",
                *RATIO_KEYS)
 # Second temperature of the temperature check when the config's is 1 (at T=1 a temperature applied twice or never
@@ -81,6 +85,7 @@ class CorrectGRPOTrainer(GRPOTrainer):
         self.tis_enabled = False  # only a passing gate switches it on
         self.step_records: list[dict] = []
         self.failures: list[dict] = []
+        self.resumes: list[dict] = []  # one entry per resume: where from, and the gate state saved there
         self._in_training = False
         self._last_sync_check: Check | None = None
         self._synced_step = -1  # optimizer step at which the engine last received the weights
@@ -339,7 +344,14 @@ class CorrectGRPOTrainer(GRPOTrainer):
         return next((r for r in reports if not r.passed), report)
 
     # -- training --------------------------------------------------------------------------------------------------
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"resume_from_checkpoint=True is invalid: no checkpoint in {self.args.output_dir}; "
+                                 "give a checkpoint folder")
+        if resume_from_checkpoint:
+            self._restore(resume_from_checkpoint)
         self.gate_report = self.run_gate()
         if self.accelerator.is_main_process:
             print(self.gate_report.table(), flush=True)
@@ -350,10 +362,42 @@ class CorrectGRPOTrainer(GRPOTrainer):
             self.on_gate_failure(self.gate_report, "before training")
         self._in_training = True
         try:
-            return super().train(*args, **kwargs)
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         finally:
             self._in_training = False
             self.write_report()
+
+    def gate_state(self) -> dict:
+        """What a checkpoint keeps of the gate: verdict, thresholds, TIS on/off, every step's metrics, failures."""
+        return {"step": self.state.global_step, "tis_enabled": self.tis_enabled,
+                "gate": self.gate_report.to_dict() if self.gate_report else None, "thresholds": self.thresholds,
+                "steps": self.step_records, "failures": self.failures, "resumes": self.resumes}
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.accelerator.is_main_process:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            with open(os.path.join(folder, STATE_FILE), "w") as f:
+                json.dump(self.gate_state(), f, indent=2, default=str)
+
+    def _restore(self, checkpoint: str) -> None:
+        """Load the checkpoint's weights now (so the gate syncs and probes what training resumes from) and its gate
+        history. TIS stays off: only the gate that follows can switch it back on."""
+        self._load_from_checkpoint(checkpoint)
+        path = os.path.join(checkpoint, STATE_FILE)
+        saved = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                saved = json.load(f)
+            self.step_records, self.failures = saved.get("steps", []), saved.get("failures", [])
+            self.resumes = saved.get("resumes", [])
+        else:
+            logger.warning("trl-correct: %s has no %s (not saved by trl-correct): gate history starts empty",
+                           checkpoint, STATE_FILE)
+        self.resumes.append({"from": checkpoint, "step": saved.get("step"),
+                             "saved_gate": (saved.get("gate") or {}).get("verdict"),
+                             "saved_tis_enabled": saved.get("tis_enabled")})
+        self.tis_enabled = False
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
@@ -442,7 +486,7 @@ class CorrectGRPOTrainer(GRPOTrainer):
             return
         os.makedirs(self.args.output_dir, exist_ok=True)
         data = {"gate": self.gate_report.to_dict() if self.gate_report else None, "steps": self.step_records,
-                "failures": self.failures, "thresholds": self.thresholds,
+                "failures": self.failures, "resumes": self.resumes, "thresholds": self.thresholds,
                 "thresholds_reason": self.thresholds_reason, "engine": self.engine.facts()}
         with open(os.path.join(self.args.output_dir, "correctness_report.json"), "w") as f:
             json.dump(data, f, indent=2, default=str)
