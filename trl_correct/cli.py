@@ -2,6 +2,7 @@
 
     trl-correct train --config recipes/tiny.yaml [--field value ...]   # the main job, in this process
     trl-correct doctor --config RECIPE [--json OUT] [--plot OUT.png] [--inject FAULT ...] [--selftest]
+    trl-correct plot RUN_DIR [--out PNG]                               # reward and mismatch curves of a run
     trl-correct build-tiny                                             # build/cache the embedded model, print its dir
 """
 
@@ -25,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
         from .doctor import main as doctor
 
         return doctor(rest)
+    if cmd == "plot":
+        from .plot import main as plot
+
+        return plot(rest)
     if cmd == "build-tiny":
         from .tiny import tiny_model_dir
 

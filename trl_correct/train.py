@@ -72,7 +72,8 @@ def build_trainer(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None):
     trainer = build_trainer(argv)
-    trainer.train()
+    resume = trainer.args.resume_from_checkpoint  # a checkpoint folder, or "true": the output_dir's last one
+    trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
     return trainer
 
 
