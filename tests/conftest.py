@@ -28,14 +28,15 @@ def small_config(tmp_path, **overrides) -> CorrectGRPOConfig:
 
 @pytest.fixture
 def make_trainer(tiny_dir, tmp_path):
-    """make_trainer(cls=CorrectGRPOTrainer, model=None, **config_overrides) -> a real trainer with its own vLLM engine."""
+    """make_trainer(cls=CorrectGRPOTrainer, model=None, peft_config=None, **config_overrides) -> a real trainer with
+    its own vLLM engine."""
     from trl_correct import CorrectGRPOTrainer
 
     made = []
 
-    def make(cls=CorrectGRPOTrainer, model=None, **overrides):
+    def make(cls=CorrectGRPOTrainer, model=None, peft_config=None, **overrides):
         t = cls(model=model or tiny_dir, reward_funcs=[keyword_reward], args=small_config(tmp_path, **overrides),
-                train_dataset=tiny_prompts())
+                train_dataset=tiny_prompts(), peft_config=peft_config)
         made.append(t)
         return t
 

@@ -30,7 +30,7 @@ def test_clean_gate_passes_at_fp32_floor(make_trainer):
     report = trainer.run_gate()
     assert report.passed, report.table()
     assert [c.name for c in report.checks] == ["logprobs_mode", "dtype", "lm_head_dtype", "sampler",
-                                               "generation_config", "prefix_cache", "async_scheduling",
+                                               "generation_config", "prefix_cache", "dropout", "async_scheduling",
                                                "weight_sync", "mismatch", "non_finite_logprobs", "ratio_clipped",
                                                "token_mismatch", "temperature", "trainer_consistency",
                                                "correction_not_applied"]

@@ -39,6 +39,7 @@ def test_clean_facts_pass_every_static_check():
     (dict(top_p=0.9), None, "sampler"),
     (dict(prefix_caching=True, reset_after_sync=False), None, "prefix_cache"),
     (dict(async_scheduling=True), None, "async_scheduling"),
+    (None, dict(dropout=["56 Dropout module(s) with p=0.05"]), "dropout"),
 ])
 def test_each_static_fault_names_its_cause(engine, trainer, cause):
     assert cause in causes(trainer, engine)

@@ -70,7 +70,7 @@ def side_effects_undone(trainer):
 def loss_audit(trainer, prompt_ids, completion_ids, trainer_logprobs) -> tuple[list[float], list[float]]:
     """The trainer's own `compute_loss` on these completions with the importance weights (a fixed pattern in
     [0.5, 1.5], per token or per sequence as `tis_mode`) times each of AUDIT_SCALES. Returns (losses, gradient
-    projections <grad, params>). Runs the unwrapped model (no DDP reducer); collectives inside the loss run on
+    projections on a fixed random direction). Runs the unwrapped model (no DDP reducer); collectives inside the loss run on
     every rank, as the gate does."""
     inputs = loss_inputs(trainer, prompt_ids, completion_ids, trainer_logprobs)
     mask = inputs["completion_mask"]
@@ -80,14 +80,29 @@ def loss_audit(trainer, prompt_ids, completion_ids, trainer_logprobs) -> tuple[l
     model = trainer.accelerator.unwrap_model(trainer.model)
     params = [p for p in model.parameters() if p.requires_grad]
     losses, grads = [], []
+    cuda = [trainer.accelerator.device] if trainer.accelerator.device.type == "cuda" else []
     with side_effects_undone(trainer), torch.enable_grad():
         for s in AUDIT_SCALES:
-            loss = trainer.compute_loss(model, dict(inputs, importance_sampling_ratio=base * s))
-            g = torch.autograd.grad(loss, params, allow_unused=True)
+            with torch.random.fork_rng(devices=cuda):  # same dropout masks (LoRA dropout) at every scale
+                torch.manual_seed(AUDIT_SEED)
+                loss = trainer.compute_loss(model, dict(inputs, importance_sampling_ratio=base * s))
+                g = torch.autograd.grad(loss, params, allow_unused=True)
             losses.append(float(loss.detach()))
-            grads.append(sum(float((gi.double() * p.detach().double()).sum()) for gi, p in zip(g, params)
-                             if gi is not None))
+            grads.append(_project(g, params))
     return losses, grads
+
+
+def _project(grads, params) -> float:
+    """<grad, d> for a fixed random direction d (seeded per parameter, regenerated on each call: no copy of the
+    model is kept). Not <grad, params>: a LoRA B starts at 0, which would make that projection 0 at step 0."""
+    total = 0.0
+    for i, (g, p) in enumerate(zip(grads, params)):
+        if g is None:
+            continue
+        gen = torch.Generator(device=p.device).manual_seed(AUDIT_SEED + i)
+        d = torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32)
+        total += float((g.double() * d.double()).sum())
+    return total
 
 
 def self_consistency(trainer, prompt_ids, completion_ids, batch_logprobs: torch.Tensor, mask: torch.Tensor) -> dict:
@@ -114,6 +129,24 @@ def generated_rows(trainer) -> tuple[list, dict]:
     rows = [(list(p), list(c), [bool(x) for x in tool_mask[i]] if tool_mask else [True] * len(c))
             for i, (p, c) in enumerate(zip(prompt_ids, completion_ids))]
     return rows, trainer.engine.take_sampled()
+
+
+def dropout_sources(model) -> list[str]:
+    """Where the trainer's forward draws dropout while training: Dropout modules with p > 0 (e.g. LoRA's
+    lora_dropout) and the model config's dropout rates. Each makes the trainer's logprobs a random draw."""
+    import torch.nn as nn
+
+    modules: dict[float, int] = {}
+    for m in model.modules():
+        if isinstance(m, nn.Dropout) and m.p > 0:
+            modules[m.p] = modules.get(m.p, 0) + 1
+    found = [f"{n} Dropout module(s) with p={p:g}" for p, n in sorted(modules.items())]
+    cfg = model.config.get_text_config() if hasattr(model, "config") else None
+    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "attn_pdrop", "embd_pdrop", "dropout"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, (int, float)) and v > 0:
+            found.append(f"config {key}={v:g}")
+    return found
 
 
 def token_identity(rows, sampled: dict, eos_ids=()) -> tuple[int, str]:

@@ -4,7 +4,7 @@ Deciding is a pure function of facts and measurements gathered elsewhere (engine
 trainer.py the trainer's). Nothing here imports vLLM or TRL, so every check is tested on hand-made facts.
 A failed check's `name` is the *cause* reported everywhere (logs, exceptions, correctness_report.json).
 
-Check names: logprobs_mode, dtype, lm_head_dtype, sampler, generation_config, prefix_cache, prefix_cache_reset,
+Check names: logprobs_mode, dtype, lm_head_dtype, sampler, generation_config, prefix_cache, dropout, prefix_cache_reset,
 async_scheduling, weight_sync, mismatch, sampler_support, non_finite_logprobs, ratio_clipped, correction_not_applied,
 temperature, token_mismatch, trainer_consistency.
 """
@@ -156,6 +156,11 @@ def static_checks(trainer: dict, engine: dict) -> list[Check]:
             "cache reset after every weight sync" if ok else "cache NOT reset after weight sync: KV blocks "
                                                              "computed with old weights are reused"),
                             "" if ok else "set enable_prefix_caching: false"))
+    drop = trainer.get("dropout") or []
+    checks.append(Check("dropout", not drop, "the trainer's forward draws dropout while training: " + "; ".join(drop)
+                        + " (its logprobs are random draws; the engine has no dropout)" if drop else
+                        "no dropout in the trainer's forward", "" if not drop else
+                        "set the dropout rates to 0 (lora_dropout: 0; the model config's attention/hidden dropout)"))
     asyn = bool(engine["async_scheduling"])
     checks.append(Check("async_scheduling", not asyn, f"async scheduling {'on' if asyn else 'off'}",
                         "set async_scheduling off (trl-correct builds the engine with it off)" if asyn else ""))

@@ -12,7 +12,7 @@ import importlib
 import os
 from dataclasses import dataclass, field
 
-from trl import ModelConfig, ScriptArguments, TrlParser
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from .config import CorrectGRPOConfig
 from .tiny import TINY_MODEL, TINY_PROMPTS, tiny_model_dir, tiny_prompts
@@ -67,7 +67,7 @@ def build_trainer(argv: list[str] | None = None):
     args.model_init_kwargs = init
     return CorrectGRPOTrainer(model=resolve_model(model_args.model_name_or_path),
                               reward_funcs=[load_reward(r) for r in script_args.reward_funcs], args=args,
-                              train_dataset=load_prompts(script_args))
+                              train_dataset=load_prompts(script_args), peft_config=get_peft_config(model_args))
 
 
 def main(argv: list[str] | None = None):

@@ -23,12 +23,12 @@ from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
-from accelerate.utils import gather_object, is_peft_model
+from accelerate.utils import gather_object
 from trl import GRPOTrainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl.trainer.utils import add_fused_lm_head, pad
 
-from .audit import generated_rows, loss_audit, self_consistency, token_identity
+from .audit import dropout_sources, generated_rows, loss_audit, self_consistency, token_identity
 from .config import CorrectGRPOConfig
 from .engine import Engine, EngineSettings, model_generation_defaults, sampler_order
 from .gate import (LINEAR_LOSS_TYPES, Check, GateFailure, GateReport, clip_check, loss_audit_check, mismatch_check,
@@ -38,6 +38,7 @@ from .head import add_processed_head, reproducible
 from .numerics import (RATIO_KEYS, is_weights, nonfinite_tokens, per_token, ratio_stats, sequence_gaps,
                        summarize_gaps, valid_gaps, weight_stats)
 from .sampler import OUTSIDE_LOGPROB
+from .weights import policy_weights, scoring_model
 
 logger = logging.getLogger("trl_correct")
 PROBE_SEED = 1234
@@ -69,10 +70,8 @@ class CorrectGRPOTrainer(GRPOTrainer):
         finally:
             args.use_vllm = True
         self.use_vllm = True
-        if is_peft_model(self.model):
-            raise NotImplementedError("trl-correct does not sync LoRA adapters yet; train without use_peft")
         self.sampler = args.sampler_spec(order=sampler_order())  # one spec: engine and trainer both use it
-        policy = self.accelerator.unwrap_model(self.model)
+        policy = scoring_model(self.accelerator.unwrap_model(self.model))
         self.sampler_unreproducible = reproducible(policy, self.sampler)
         if self.sampler.transforms and not self.sampler_unreproducible:
             add_processed_head(policy, self.sampler, fp32_head=args.cast_lm_head_to_fp32)
@@ -121,9 +120,9 @@ class CorrectGRPOTrainer(GRPOTrainer):
             generation_kwargs=dict(a.generation_kwargs or {}))
 
     def engine_weights(self):
-        """(name, tensor) pairs in checkpoint format that make up the policy, as streamed to the engine."""
-        for name, p in self.accelerator.unwrap_model(self.model).named_parameters():
-            yield name, p.detach()
+        """(name, tensor) pairs in checkpoint format that make up the policy, as streamed to the engine (LoRA:
+        base weights with the adapters' deltas added, weights.py)."""
+        return policy_weights(self.accelerator.unwrap_model(self.model))
 
     def trainer_facts(self) -> dict:
         """The trainer's side of the static checks: dtypes and the sampler transform its logprobs are taken under
@@ -133,7 +132,8 @@ class CorrectGRPOTrainer(GRPOTrainer):
         return dict(compute_dtype=self.compute_dtype, head_dtype=head, want_fp32_head=self.args.fp32_lm_head,
                     **{k: spec[k] for k in spec if k != "order"}, sampler_order=spec["order"],
                     sampler_unreproducible=self.sampler_unreproducible,
-                    sampler_defaults_applied=self.sampler_defaults_applied)
+                    sampler_defaults_applied=self.sampler_defaults_applied,
+                    dropout=dropout_sources(self.accelerator.unwrap_model(self.model)))
 
     def probe_prompts(self) -> list[list[int]]:
         """Token ids of the probe prompts: the first `probe_size` training prompts. With prefix caching on, each
@@ -237,7 +237,7 @@ class CorrectGRPOTrainer(GRPOTrainer):
         if t == self.temperature:
             yield
             return
-        model = self.accelerator.unwrap_model(self.model)
+        model = scoring_model(self.accelerator.unwrap_model(self.model))
         saved = (model.forward, self.temperature, self.sampler)
         self.temperature, self.sampler = t, replace(self.sampler, temperature=t)
         add_fused_lm_head(model, temperature=t, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32,
