@@ -160,6 +160,12 @@ class CorrectGRPOConfig(GRPOConfig):
             v = getattr(self, name)
             if v is not None and not v > 0:
                 bad(name, "a threshold must be > 0, or null for the dtype default")
+        sharded = [k for k in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{k}", "").lower() == "true"]
+        if sharded and not _has_gpu():
+            # measured: with use_cpu, accelerate drops the FSDP plugin and runs plain DDP without a word
+            raise ValueError(f"distributed_type={sharded[0]} is invalid: accelerate shards with FSDP/DeepSpeed only "
+                             "on GPUs and would silently fall back to DDP on this CPU; launch with "
+                             "accelerate_configs/cpu_2proc.yaml (or cpu.yaml) here")
         if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_gpu():
             # several ranks and no GPU: without use_cpu accelerate would run each rank as a lone process
             self.use_cpu = True

@@ -70,6 +70,9 @@ class CorrectGRPOTrainer(GRPOTrainer):
         finally:
             args.use_vllm = True
         self.use_vllm = True
+        if self._dist.fsdp_version == 1:
+            raise ValueError("fsdp_version=1 is invalid: trl-correct gathers sharded weights for the engine under "
+                             "FSDP2 and DeepSpeed ZeRO-3; use accelerate_configs/fsdp2.yaml (fsdp_version: 2)")
         self.sampler = args.sampler_spec(order=sampler_order())  # one spec: engine and trainer both use it
         policy = scoring_model(self.accelerator.unwrap_model(self.model))
         self.sampler_unreproducible = reproducible(policy, self.sampler)
@@ -122,7 +125,7 @@ class CorrectGRPOTrainer(GRPOTrainer):
     def engine_weights(self):
         """(name, tensor) pairs in checkpoint format that make up the policy, as streamed to the engine (LoRA:
         base weights with the adapters' deltas added, weights.py)."""
-        return policy_weights(self.accelerator.unwrap_model(self.model))
+        return policy_weights(self.accelerator.unwrap_model(self.model), self._dist)
 
     def trainer_facts(self) -> dict:
         """The trainer's side of the static checks: dtypes and the sampler transform its logprobs are taken under

@@ -3,18 +3,45 @@
 A plain model streams its parameters as they are. A PEFT (LoRA) model streams its base weights with every active
 adapter's delta added (base + B A x scaling, computed fresh from the frozen base each time: nothing is merged in place,
 so no rounding accumulates in the trainer's base weights over steps), under the base model's names; the adapter's
-own tensors never reach the engine. Knows PEFT's naming; nothing of vLLM.
+own tensors never reach the engine. Sharded training (DeepSpeed ZeRO-3, FSDP2) gathers each parameter whole before it
+is streamed: every rank feeds its own colocated engine the full model. Knows PEFT's naming; nothing of vLLM.
 """
+
+from contextlib import contextmanager
 
 from accelerate.utils import is_peft_model
 
 
-def policy_weights(model):
-    """Yield (checkpoint name, tensor) for `model` (unwrapped; a PreTrainedModel or a PeftModel)."""
+def _full(p, zero3: bool):
+    """The whole tensor of a parameter: FSDP2 shards are DTensors (all-gathered: a collective, every rank walks the
+    parameters in the same order); a ZeRO-3 parameter gathered for the caller's `with` is copied out of it."""
+    t = p.detach()
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.clone() if zero3 else t
+
+
+def policy_weights(model, dist=None):
+    """Yield (checkpoint name, tensor) for `model` (unwrapped; a PreTrainedModel or a PeftModel). `dist`: TRL's
+    DistributedBackend; under DeepSpeed ZeRO-3 each parameter (all of them at once for PEFT, whose deltas need the
+    whole layer) is gathered while it is read."""
+    zero3 = bool(dist and dist.is_zero3)
+    gather = dist.gather_params if dist is not None else _no_gather
     if not is_peft_model(model):
         for name, p in model.named_parameters():
-            yield name, p.detach()
+            with gather([p]):
+                yield name, _full(p, zero3)
         return
+    with gather(list(model.parameters())):
+        yield from _peft_weights(model, zero3)
+
+
+@contextmanager
+def _no_gather(params):
+    yield
+
+
+def _peft_weights(model, zero3: bool):
     from peft.tuners.lora import LoraLayer
 
     deltas = {}
@@ -26,7 +53,7 @@ def policy_weights(model):
     for name, p in model.named_parameters():
         if model.prefix in name or "original_module" in name:  # adapter tensors; the copy modules_to_save replaced
             continue
-        t = p.detach()
+        t = _full(p, zero3)
         if name in deltas:
             t = t + deltas[name].to(t.dtype)
         yield name.removeprefix("base_model.model.").replace(".base_layer", "").replace("modules_to_save.default.",
