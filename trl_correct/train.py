@@ -23,6 +23,11 @@ class TrainScriptArguments(ScriptArguments):
     dataset_name: str | None = field(default=TINY_PROMPTS, metadata={"help": "Prompt dataset (see module doc)."})
     reward_funcs: list[str] = field(default_factory=lambda: ["trl_correct.tiny.keyword_reward"], metadata={
         "help": "Reward functions as dotted paths module.function (TRL reward-function signature)."})
+    prompt_column: str = field(default="prompt", metadata={
+        "help": "Dataset column holding the prompt (e.g. question for GSM8K); other columns reach the rewards."})
+    chat_prompts: bool = field(default=False, metadata={
+        "help": "Wrap each prompt as a user message (plus system_prompt) so the model's chat template applies."})
+    system_prompt: str | None = field(default=None, metadata={"help": "System message for chat_prompts."})
 
 
 def load_reward(path: str):
@@ -36,6 +41,19 @@ def load_reward(path: str):
 def load_prompts(args: TrainScriptArguments):
     if args.dataset_name == TINY_PROMPTS:
         return tiny_prompts()
+    data = _load_dataset(args)
+    if args.prompt_column not in data.column_names:
+        raise ValueError(f"prompt_column={args.prompt_column!r} is invalid: {args.dataset_name} has columns "
+                         f"{data.column_names}; name the one holding the prompt")
+    if args.prompt_column != "prompt":
+        data = data.rename_column(args.prompt_column, "prompt")
+    if args.chat_prompts:
+        system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+        data = data.map(lambda row: {"prompt": system + [{"role": "user", "content": row["prompt"]}]})
+    return data
+
+
+def _load_dataset(args: TrainScriptArguments):
     from datasets import load_dataset
 
     name = args.dataset_name
