@@ -35,3 +35,25 @@ def test_plot_of_a_directory_without_a_report_is_a_one_line_error(tmp_path, caps
     assert plot([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "correctness_report.json not found" in err and err.count("\n") == 1
+
+
+def test_metrics_reach_trackio_offline(make_trainer, tmp_path):
+    # trackio keeps runs in a local SQLite file (no Space, no network); TRL's profiling would log to it before its
+    # run exists (TRL 1.16 raises then), so the gate runs with the trackers quiet
+    import sqlite3
+
+    from trackio.utils import TRACKIO_DIR  # fixed when trackio is first imported (TRACKIO_DIR env, else the HF cache)
+
+    project = f"trl-correct-test-{tmp_path.name}"
+    trainer = make_trainer(max_steps=2, report_to="trackio", project=project)
+    trainer.train()
+    assert trainer.args.report_to == ["trackio"]  # the user's setting, back after the gate
+    path = Path(TRACKIO_DIR) / f"{project}.db"
+    db = sqlite3.connect(path)
+    logged = [json.loads(m) for (m,) in db.execute("select metrics from metrics")]
+    db.close()
+    for leftover in Path(TRACKIO_DIR).glob(f"{project}.*"):
+        leftover.unlink()
+    gaps = [m["train/correct/max_abs_logprob_diff"] for m in logged if "train/correct/max_abs_logprob_diff" in m]
+    assert len(gaps) == 2 and max(gaps) < 1e-4, gaps
+    assert any("train/correct/ratio/masked_frac" in m for m in logged)

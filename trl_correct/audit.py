@@ -44,8 +44,20 @@ def loss_inputs(trainer, prompt_ids, completion_ids, trainer_logprobs: torch.Ten
 
 
 @contextmanager
+def quiet_trackers(trainer):
+    """TRL's profiling logs timings straight to the trackers, trackio even before its run exists (it raises then;
+    TRL 1.16 guards wandb and mlflow only). The gate runs before the trackers start: report_to is off meanwhile."""
+    report_to, trainer.args.report_to = trainer.args.report_to, []
+    try:
+        yield
+    finally:
+        trainer.args.report_to = report_to
+
+
+@contextmanager
 def side_effects_undone(trainer):
-    """TRL's loss appends to the trainer's metrics (and adaptive-entropy state): the audit must leave no trace."""
+    """TRL's loss and generation append to the trainer's metrics (and adaptive-entropy state): the gate's audits
+    leave no trace (metrics cut back, state restored)."""
     lengths = {mode: {k: len(v) for k, v in d.items()} for mode, d in trainer._metrics.items()}
     saved = {k: getattr(trainer, k) for k in ("_entropy_window_stats", "entropy_coef", "_last_world_entropy")
              if hasattr(trainer, k)}

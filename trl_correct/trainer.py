@@ -28,7 +28,7 @@ from trl import GRPOTrainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl.trainer.utils import add_fused_lm_head, pad
 
-from .audit import dropout_sources, generated_rows, loss_audit, self_consistency, token_identity
+from .audit import dropout_sources, generated_rows, loss_audit, quiet_trackers, self_consistency, token_identity
 from .config import CorrectGRPOConfig
 from .engine import Engine, EngineSettings, model_generation_defaults, sampler_order
 from .gate import (LINEAR_LOSS_TYPES, Check, GateFailure, GateReport, clip_check, loss_audit_check, mismatch_check,
@@ -325,6 +325,10 @@ class CorrectGRPOTrainer(GRPOTrainer):
 
     def run_gate(self) -> GateReport:
         """Sync the trainer's weights into the engine, then run every check. Does not apply the policy."""
+        with quiet_trackers(self):
+            return self._run_gate()
+
+    def _run_gate(self) -> GateReport:
         self.engine.sync_weights()
         self._last_loaded_step = self.state.global_step
         checks = static_checks(self.trainer_facts(), self.engine.facts())
