@@ -1,7 +1,8 @@
 """Where the engine lives under each accelerate config, and sharded weights reaching it whole.
 
-Every config in accelerate_configs/ parses and says how to launch it; FSDP2's gathering runs for real on 2 CPU ranks
-(each rank holds half of each weight; policy_weights must hand the engine the exact whole tensors); and a sharded
+Every config in accelerate_configs/ parses and says how to launch it; FSDP2's and DeepSpeed ZeRO-3's gathering run for
+real on 2 CPU ranks (each rank holds part of each weight, or none of it; policy_weights must hand the engine the exact
+whole tensors); and a sharded
 config launched on a CPU stops with a one-line error instead of accelerate's silent fallback to DDP (measured: with
 use_cpu, accelerate drops the FSDP plugin and trains plain DDP)."""
 
@@ -37,6 +38,14 @@ def test_fsdp2_shards_reach_the_engine_whole(tiny_dir):
                        timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert p.stdout.count("differing: []") == 2, p.stdout
+
+
+def test_zero3_partitions_reach_the_engine_whole(tiny_dir):
+    p = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29645",
+                        str(ROOT / "tests" / "_zero3_gather.py"), tiny_dir], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert p.stdout.count("differing: []") == 2 and p.stdout.count("0 elements held locally") == 2, p.stdout
 
 
 def test_sharded_config_on_a_cpu_is_a_one_line_error(tmp_path):
