@@ -2,7 +2,6 @@
 override it, a local model directory and a local prompt file, and two ranks with one engine each."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
