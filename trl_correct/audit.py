@@ -82,8 +82,8 @@ def side_effects_undone(trainer):
 def loss_audit(trainer, prompt_ids, completion_ids, trainer_logprobs) -> tuple[list[float], list[float]]:
     """The trainer's own `compute_loss` on these completions with the importance weights (a fixed pattern in
     [0.5, 1.5], per token or per sequence as `tis_mode`) times each of AUDIT_SCALES. Returns (losses, gradient
-    projections on a fixed random direction). Runs the unwrapped model (no DDP reducer); collectives inside the loss run on
-    every rank, as the gate does."""
+    projections on a fixed random direction). Runs the unwrapped model (no DDP reducer); collectives inside the loss
+    run on every rank, as the gate does."""
     inputs = loss_inputs(trainer, prompt_ids, completion_ids, trainer_logprobs)
     mask = inputs["completion_mask"]
     gen = torch.Generator().manual_seed(AUDIT_SEED)

@@ -256,7 +256,7 @@ class Engine:
     def reset_prefix_cache(self) -> bool:
         return bool(self.llm.reset_prefix_cache())
 
-    # -- sleep mode (GPU colocate): weights discarded between generations, reloaded and verified on wake ----------------
+    # -- sleep mode (GPU colocate): weights discarded between generations, reloaded and verified on wake ------------
     def sleep(self) -> None:
         """Level-2 sleep: vLLM discards weights and KV cache. The next sync wakes the engine and must reload."""
         self.llm.sleep(level=2)
