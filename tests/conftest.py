@@ -47,6 +47,17 @@ def make_trainer(tiny_dir, tmp_path):
     gc.collect()
 
 
+def train_and_measure(trainer) -> tuple[float, list[float]]:
+    """Train `trainer`; returns (how far training moved the trainer's own logprobs of fixed probe tokens, every step's
+    max |trainer - engine| gap). A sync that works keeps the gaps tiny while the move is large."""
+    prompts = trainer.probe_prompts()
+    ids, _ = trainer.engine.sample(prompts, max_tokens=8, seed=7)
+    before, mask = trainer.score(prompts, ids)
+    trainer.train()
+    after, _ = trainer.score(prompts, ids)
+    return (after - before).abs()[mask.bool()].max().item(), [r["max_abs_logprob_diff"] for r in trainer.step_records]
+
+
 @pytest.fixture(scope="session")
 def tied_dir(tiny_dir, tmp_path_factory):
     """The tiny model with tied input/output embeddings, as most small Qwen2.5/Qwen3 checkpoints have."""

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import train_and_measure
 from trl_correct import CorrectGRPOTrainer, GateFailure
 from trl_correct.numerics import is_weights
 
@@ -41,13 +42,7 @@ def test_clean_gate_passes_at_fp32_floor(make_trainer):
 
 def test_engine_tracks_trainer_after_real_updates(make_trainer):
     trainer = make_trainer(max_steps=3)
-    prompts = trainer.probe_prompts()
-    ids, _ = trainer.engine.sample(prompts, max_tokens=8, seed=7)
-    before, mask = trainer.score(prompts, ids)
-    trainer.train()
-    after, _ = trainer.score(prompts, ids)
-    moved = (after - before).abs()[mask.bool()].max().item()
-    gaps = [r["max_abs_logprob_diff"] for r in trainer.step_records]
+    moved, gaps = train_and_measure(trainer)
     assert len(gaps) == 3 and max(gaps) < FP32_TOL, gaps
     assert trainer.engine.sync_count == 3 and trainer._last_sync_check.passed
     behind = trainer.probe()  # the last update has not been synced yet: the probe must see it

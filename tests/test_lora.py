@@ -4,6 +4,7 @@ and probe cover it, and parity holds after several real LoRA updates that move t
 import pytest
 from peft import LoraConfig
 
+from conftest import train_and_measure
 from trl_correct import GateFailure
 
 FP32_TOL = 1e-4
@@ -15,13 +16,7 @@ def lora(dropout=0.0):
 
 def test_lora_parity_holds_after_updates(make_trainer):
     trainer = make_trainer(peft_config=lora(), max_steps=4, learning_rate=5e-3)
-    prompts = trainer.probe_prompts()
-    ids, _ = trainer.engine.sample(prompts, max_tokens=8, seed=7)
-    before, mask = trainer.score(prompts, ids)
-    trainer.train()
-    after, _ = trainer.score(prompts, ids)
-    moved = (after - before).abs()[mask.bool()].max().item()
-    gaps = [r["max_abs_logprob_diff"] for r in trainer.step_records]
+    moved, gaps = train_and_measure(trainer)
     assert trainer.gate_report.passed and not trainer.failures and len(gaps) == 4
     assert max(gaps) < FP32_TOL and moved > 100 * max(gaps), (moved, gaps)
     assert trainer._last_sync_check.passed and trainer.engine.sync_count == 4
