@@ -21,23 +21,26 @@ AUDIT_SCALES = (0.0, 1.0, 2.0)  # the importance weights times these: the policy
 AUDIT_SEED = 4321
 
 
-def _padded(rows: list[list[int]], value, side: str, dtype=torch.long) -> torch.Tensor:
-    return pad([torch.tensor(x, dtype=dtype) for x in rows], padding_value=value, padding_side=side)
+def padded_batch(prompt_ids, completion_ids, pad_id: int, device) -> dict:
+    """TRL's batch layout of token-id lists: prompt_ids/prompt_mask [B, P] left-padded, completion_ids/
+    completion_mask [B, T] right-padded, on `device`."""
+    def padded(rows, value, side):
+        return pad([torch.tensor(x, dtype=torch.long) for x in rows], padding_value=value, padding_side=side).to(device)
+
+    return dict(prompt_ids=padded(prompt_ids, pad_id, "left"),
+                prompt_mask=padded([[1] * len(x) for x in prompt_ids], 0, "left"),
+                completion_ids=padded(completion_ids, pad_id, "right"),
+                completion_mask=padded([[1] * len(x) for x in completion_ids], 0, "right"))
 
 
 def loss_inputs(trainer, prompt_ids, completion_ids, trainer_logprobs: torch.Tensor) -> dict:
     """The dict TRL's `compute_loss` takes, for the given prompts/completions: on-policy (old = trainer logprobs),
     every advantage 1 (so the policy term cannot cancel), importance weights to be set by the caller."""
     device = trainer.accelerator.device
-    pad_id = trainer._tokenizer.pad_token_id
-    ones = [[1] * len(x) for x in prompt_ids]
-    cmask = _padded([[1] * len(x) for x in completion_ids], 0, "right").to(device)
+    inputs = padded_batch(prompt_ids, completion_ids, trainer._tokenizer.pad_token_id, device)
     old = trainer_logprobs.detach().float().nan_to_num(0.0)
-    inputs = dict(prompt_ids=_padded(prompt_ids, pad_id, "left").to(device),
-                  prompt_mask=_padded(ones, 0, "left").to(device),
-                  completion_ids=_padded(completion_ids, pad_id, "right").to(device), completion_mask=cmask,
-                  advantages=torch.ones(len(prompt_ids), device=device), old_per_token_logps=old,
-                  sampling_per_token_logps=old, num_items_in_batch=cmask.sum().float())
+    inputs.update(advantages=torch.ones(len(prompt_ids), device=device), old_per_token_logps=old,
+                  sampling_per_token_logps=old, num_items_in_batch=inputs["completion_mask"].sum().float())
     if trainer.beta != 0.0:
         inputs["ref_per_token_logps"] = old
     return inputs

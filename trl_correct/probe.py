@@ -13,7 +13,8 @@ import torch
 from accelerate.utils import gather_object
 from trl.trainer.utils import add_fused_lm_head, pad
 
-from .audit import generated_rows, loss_audit, quiet_trackers, self_consistency, token_identity
+from .audit import (AUDIT_SCALES, generated_rows, loss_audit, padded_batch, quiet_trackers, self_consistency,
+                    token_identity)
 from .gate import (LINEAR_LOSS_TYPES, Check, GateReport, clip_check, loss_audit_check, mismatch_check, non_finite_check,
                    reset_check, self_consistency_check, static_checks, support_check, temperature_check,
                    token_identity_check)
@@ -80,18 +81,12 @@ class GateRunner:
     def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]):
         """Trainer logprobs of `completion_ids` after `prompt_ids`, through TRL's own scoring path.
         Returns (trainer_logprobs [B, T], mask [B, T])."""
-        device = self.accelerator.device
-        pad_id = self._tokenizer.pad_token_id
-        p = pad([torch.tensor(x) for x in prompt_ids], padding_value=pad_id, padding_side="left")
-        pm = pad([torch.ones(len(x), dtype=torch.long) for x in prompt_ids], padding_value=0, padding_side="left")
-        c = pad([torch.tensor(x, dtype=torch.long) for x in completion_ids], padding_value=pad_id,
-                padding_side="right")
-        cm = pad([torch.ones(len(x), dtype=torch.long) for x in completion_ids], padding_value=0,
-                 padding_side="right")
-        ids, attn = torch.cat([p, c], 1).to(device), torch.cat([pm, cm], 1).to(device)
-        lps, _, _ = self._get_per_token_logps_and_entropies(self.model, ids, attn, c.size(1),
+        b = padded_batch(prompt_ids, completion_ids, self._tokenizer.pad_token_id, self.accelerator.device)
+        ids = torch.cat([b["prompt_ids"], b["completion_ids"]], 1)
+        attn = torch.cat([b["prompt_mask"], b["completion_mask"]], 1)
+        lps, _, _ = self._get_per_token_logps_and_entropies(self.model, ids, attn, b["completion_ids"].size(1),
                                                             batch_size=self.args.per_device_train_batch_size)
-        return lps.float(), cm.to(device)
+        return lps.float(), b["completion_mask"]
 
     def _probe_checks(self) -> tuple[list[Check], dict]:
         """The probe's mismatch check; with prefix caching on, the probe is re-measured on prompts whose prefix cannot
@@ -137,15 +132,19 @@ class GateRunner:
         consistency = self_consistency(self, prompts, completions, trainer_lps, mask)
         self.last_self_consistency = consistency
         losses, grads = loss_audit(self, prompts, completions, trainer_lps)
-        rows, sampled = generated_rows(self)
-        n_bad, example = token_identity(rows, sampled)  # whole completions, as generated: no EOS masking yet
-        n_rows, n_bad = (int(x) for x in self.accelerator.gather(
-            torch.tensor([[len(rows), n_bad]], device=self.accelerator.device)).sum(0))
-        return [token_identity_check(n_rows, n_bad, example, "generation through TRL's _generate"),
+        rows, sampled = generated_rows(self)  # whole completions, as generated: no EOS masking yet
+        return [self._identity_check(rows, sampled, "generation through TRL's _generate"),
                 temperature_check(at_one, at_t, t, self.thresholds, engine_ignores_t),
                 self_consistency_check(consistency, self.thresholds["max_abs_logprob_diff"] / 2),
-                loss_audit_check(losses, grads, scales=(0.0, 1.0, 2.0),
+                loss_audit_check(losses, grads, scales=AUDIT_SCALES,
                                  linear=self.loss_type in LINEAR_LOSS_TYPES)]
+
+    def _identity_check(self, rows, sampled: dict, label: str, eos_ids=()) -> Check:
+        """token_identity over this rank's rows, counted over all ranks (audit.token_identity for the arguments)."""
+        n_bad, example = token_identity(rows, sampled, eos_ids)
+        n_rows, n_bad = (int(x) for x in self.accelerator.gather(
+            torch.tensor([[len(rows), n_bad]], device=self.accelerator.device)).sum(0))
+        return token_identity_check(n_rows, n_bad, example, label)
 
     def run_gate(self) -> GateReport:
         """Sync the trainer's weights into the engine, then run every check. Does not apply the policy."""

@@ -24,11 +24,11 @@ import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import GRPOTrainer
 
-from .audit import dropout_sources, token_identity
+from .audit import dropout_sources
 from .config import CorrectGRPOConfig
 from .engine import Engine, EngineSettings, model_generation_defaults, sampler_order
 from .gate import (Check, GateFailure, GateReport, clip_check, mismatch_check, non_finite_check, reset_check,
-                   static_checks, support_check, token_identity_check, weight_sync_check)
+                   static_checks, support_check, weight_sync_check)
 from .head import add_processed_head, reproducible
 from .numerics import (RATIO_KEYS, is_weights, nonfinite_tokens, per_token, ratio_stats, sequence_gaps, summarize_gaps,
                        valid_gaps, weight_stats)
@@ -320,10 +320,7 @@ class CorrectGRPOTrainer(GateRunner, GRPOTrainer):
             prompt = out["prompt_ids"][i][out["prompt_mask"][i].bool()].tolist()
             flags = out["tool_mask"][i][:n].bool().tolist() if "tool_mask" in out else [True] * n
             rows.append((prompt, out["completion_ids"][i][:n].tolist(), flags))
-        n_bad, example = token_identity(rows, sampled, self.eos_token_ids)
-        n_rows, n_bad = (int(x) for x in self.accelerator.gather(
-            torch.tensor([[len(rows), n_bad]], device=cmask.device)).sum(0))
-        return token_identity_check(n_rows, n_bad, example, label)
+        return self._identity_check(rows, sampled, label, self.eos_token_ids)
 
     def _gather_flat(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate a 1-D tensor of any length from every rank."""
