@@ -10,6 +10,7 @@ exactly what was sent (float64 sum and sum of squares per group, robust to vLLM'
 `generate()` has the signature of TRL's `VLLMGeneration.generate`, so TRL's GRPO loop drives this object unchanged.
 """
 
+import functools
 import os
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
@@ -89,11 +90,11 @@ def _fingerprint(named_tensors, dtypes: dict | None = None) -> dict:
     acc = defaultdict(lambda: [0.0, 0.0])
     for name, t in named_tensors:
         g = group_of(name)
-        if dtypes is not None and g in dtypes:
+        if dtypes is not None and dtypes.get(g, t.dtype) != t.dtype:
             t = t.to(dtypes[g])
-        t = t.detach().double()
-        acc[g][0] += float(t.sum())
-        acc[g][1] += float((t * t).sum())
+        t = t.detach()
+        acc[g][0] += float(t.sum(dtype=torch.float64))
+        acc[g][1] += float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2  # no float64 copy of t
     return dict(acc)
 
 
@@ -104,8 +105,13 @@ def _applied_weight(module, param: torch.Tensor) -> torch.Tensor:
     """W^T as the layer computes with it: the layer applied to the identity (one non-zero product per output, so
     exact in any dtype), whatever packed copy or layout vLLM keeps (on CPU it prepacks linear and head weights)."""
     n_in = param.shape[1] if param.numel() > 0 else module.input_size_per_partition
-    eye = torch.eye(n_in, dtype=param.dtype, device=param.device)
+    eye = _eye(n_in, param.dtype, param.device)
     return torch.cat([module.quant_method.apply(module, eye[i:i + 1024]) for i in range(0, n_in, 1024)])
+
+
+@functools.lru_cache(maxsize=8)
+def _eye(n: int, dtype, device) -> torch.Tensor:
+    return torch.eye(n, dtype=dtype, device=device)
 
 
 def _model(worker):
@@ -279,10 +285,13 @@ class Engine:
 
         def tap(pairs):  # fingerprint exactly what is streamed, cast as the engine stores it
             for name, t in pairs:
-                named = [(name, t)] + ([(HEAD_GROUP, t.t())] if name == self.head_source else [])
-                for g, (a, b) in _fingerprint(named, self.param_dtypes).items():
+                for g, (a, b) in _fingerprint([(name, t)], self.param_dtypes).items():
                     expected[g][0] += a
                     expected[g][1] += b
+                    if name == self.head_source:  # the applied head is W^T: W's sums, cast as the head is
+                        same = self.param_dtypes.get(HEAD_GROUP) == self.param_dtypes.get(g)
+                        expected[HEAD_GROUP] = [a, b] if same else _fingerprint([(HEAD_GROUP, t)],
+                                                                                self.param_dtypes)[HEAD_GROUP]
                 yield name, t
 
         pairs = self.weights_fn()

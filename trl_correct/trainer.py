@@ -113,7 +113,9 @@ class CorrectGRPOTrainer(GateRunner, GRPOTrainer):
     def engine_weights(self):
         """(name, tensor) pairs in checkpoint format that make up the policy, as streamed to the engine (LoRA:
         base weights with the adapters' deltas added, weights.py)."""
-        return policy_weights(self.accelerator.unwrap_model(self.model), self._dist)
+        if getattr(self, "_unwrapped", (None,))[0] is not self.model:  # unwrap_model reads package metadata: 2 ms
+            self._unwrapped = (self.model, self.accelerator.unwrap_model(self.model))
+        return policy_weights(self._unwrapped[1], self._dist)
 
     def trainer_facts(self) -> dict:
         """The trainer's side of the static checks: dtypes and the sampler transform its logprobs are taken under
