@@ -1,6 +1,6 @@
 """trl-correct vs stock TRL 1.16 on the same GRPO work: trainer/engine parity of every training batch, and step time.
 
-    python bench/vs_stock.py [--rows fp32,fp32-same-engine,bf16] [--steps 12] [--repeats 5] [--model DIR] [--no-append]
+    python bench/vs_stock.py [--rows fp32,fp32-same-engine,bf16] [--steps 12] [--repeats 5] [--model NAME|DIR] [--no-append]
 
 stock = TRL's `GRPOTrainer(use_vllm=True, vllm_mode="colocate")` with TRL's defaults: engine dtype `auto`, lm_head in
 the trainer's dtype, IS correction `sequence_mask` capped at 3. ours = `CorrectGRPOTrainer` with its defaults: engine in
@@ -85,6 +85,13 @@ def _instrument(cost: dict, trl_cls, ours_cls, engine_mod) -> None:
     _timed(engine_mod.Engine, "verify", cost, "verify")
 
 
+def model_path(model: str | None) -> str:
+    """A bench/models.py name (default: tiny) or a model directory."""
+    from models import NAMES, model_dir
+
+    return str(model_dir(model or "tiny")) if model is None or model in NAMES else model
+
+
 def cpu_sync_shim(gen) -> None:
     """Stock TRL's sync with its one CPU-fatal call (model.load_weights per tensor) replaced by reload_weights."""
 
@@ -103,7 +110,7 @@ def child(a) -> None:
 
     import trl_correct.engine as engine_mod
     from trl_correct import CorrectGRPOConfig, CorrectGRPOTrainer
-    from trl_correct.tiny import keyword_reward, tiny_model_dir, tiny_prompts
+    from trl_correct.tiny import keyword_reward, tiny_prompts
 
     ours = a.child == "ours"
     base = CorrectGRPOTrainer if ours else GRPOTrainer
@@ -132,12 +139,13 @@ def child(a) -> None:
         import trl.generation.vllm_generation as vg
 
         vg.LLM = functools.partial(vg.LLM, dtype=stock_engine_dtype)
-    common = dict(output_dir=tempfile.mkdtemp(), max_steps=a.steps, seed=a.seed, bf16=bf16, **SHAPE)
+    common = dict(output_dir=tempfile.mkdtemp(), max_steps=a.steps, seed=a.seed, bf16=bf16, **SHAPE,
+                  use_cpu=not torch.cuda.is_available())  # bf16 on a CPU: transformers wants use_cpu said
     if ours:
         args = CorrectGRPOConfig(**common)
     else:
         args = GRPOConfig(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.3, **common)
-    trainer = Recorder(model=a.model or str(tiny_model_dir()), reward_funcs=[keyword_reward], args=args,
+    trainer = Recorder(model=model_path(a.model), reward_funcs=[keyword_reward], args=args,
                        train_dataset=tiny_prompts())
     if not ours and not torch.cuda.is_available():
         cpu_sync_shim(trainer.vllm_generation)
@@ -210,8 +218,10 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of: {', '.join(ROWS)}")
     ap.add_argument("--steps", type=int, default=12, help="GRPO steps per run (the first 2 are not timed)")
     ap.add_argument("--repeats", type=int, default=5, help="runs per variant and row, interleaved")
-    ap.add_argument("--model", default=None, help="model directory (default: the embedded tiny model)")
+    ap.add_argument("--model", default=None, help="a bench/models.py name (tiny, tiny-v152k, qwen2-137m) or a model "
+                                                   "directory (default: the embedded tiny model)")
     ap.add_argument("--no-append", action="store_true", help="print only; do not append to docs/BENCHMARKS.md")
+    ap.add_argument("--resume", help="the per-run folder of an interrupted bench (printed at its start): keep its runs")
     ap.add_argument("--child", choices=["stock", "ours"], help=argparse.SUPPRESS)
     ap.add_argument("--row", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -219,7 +229,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.child:
         return child(a)
-    out_dir = tempfile.mkdtemp(prefix="vs-stock-")
+    out_dir = a.resume or tempfile.mkdtemp(prefix="vs-stock-")
     print("per-run JSON in", out_dir, flush=True)
     results = []
     for row in a.rows.split(","):
@@ -227,6 +237,9 @@ def main() -> None:
         for rep in range(a.repeats):
             for variant in ("stock", "ours") if rep % 2 == 0 else ("ours", "stock"):  # interleaved, alternating lead
                 path = os.path.join(out_dir, f"{row}-{variant}-{rep}.json")
+                if os.path.exists(path):  # --resume: this run finished before
+                    runs[variant].append(json.load(open(path)))
+                    continue
                 cmd = [sys.executable, __file__, "--child", variant, "--row", row, "--seed", str(rep), "--steps",
                        str(a.steps), "--out", path] + (["--model", a.model] if a.model else [])
                 p = subprocess.run(cmd, capture_output=True, text=True)

@@ -33,6 +33,7 @@ def cfg(tmp_path, **kw):
     (dict(sampler_defaults="hub"), "sampler_defaults"),
     (dict(max_clip_frac=0.0), "max_clip_frac"),
     (dict(max_clip_frac=1.5), "max_clip_frac"),
+    (dict(bit_exact=True, max_max_abs_logprob_diff=1e-3), "max_max_abs_logprob_diff"),
     pytest.param(dict(vllm_enable_sleep_mode=True), "vllm_enable_sleep_mode", marks=pytest.mark.skipif(
         __import__("torch").cuda.is_available(), reason="sleep mode is valid on a GPU")),
 ])
@@ -83,3 +84,8 @@ def test_model_sampler_defaults_fill_only_unset_fields(tmp_path):
 def test_sampler_spec_is_the_one_place(tmp_path):
     s = cfg(tmp_path, temperature=0.7, top_k=-1, min_p=None, presence_penalty=0.5).sampler_spec()
     assert s.temperature == 0.7 and s.top_k == -1 and s.min_p == 0.0 and s.transforms == ["presence_penalty"]
+
+
+def test_bit_exact_means_every_threshold_is_zero(tmp_path):
+    th, why = cfg(tmp_path, bit_exact=True).thresholds("bfloat16", on_gpu=True)
+    assert th == dict(mean_abs_logprob_diff=0.0, max_abs_logprob_diff=0.0, kl_k3=0.0) and "bit_exact" in why

@@ -155,3 +155,15 @@ def test_sleep_mode_is_refused_by_the_cpu_engine(tiny_dir):
     with pytest.raises(Exception, match="[Ss]leep mode is not supported"):
         Engine(EngineSettings(model=tiny_dir, dtype="float32", enable_sleep_mode=True))
     assert FAULTS["wake_without_reload"].cause == "weight_sync"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU answer; on a GPU bench/bit_exact.py measures it")
+def test_bit_exact_where_unsupported_is_named_before_step_0(make_trainer):
+    t = make_trainer(bit_exact=True)
+    with pytest.raises(GateFailure) as e:
+        t.train()
+    causes = [c.name for c in e.value.report.checks if not c.passed]
+    assert causes[0] == "bit_exact" and "mismatch" in causes  # thresholds 0: the CPU's 1e-6 is not equal either
+    check = next(c for c in e.value.report.checks if c.name == "bit_exact")
+    assert "no CUDA GPU" in check.detail and "bit_exact: false" in check.fix
+    assert t.state.global_step == 0 and not t.tis_enabled

@@ -79,6 +79,11 @@ class CorrectGRPOConfig(GRPOConfig):
     max_clip_frac: float = field(default=0.2, metadata={
         "help": "Gate threshold on the share of tokens whose importance weight is truncated or masked (cause "
                 "ratio_clipped): above it the correction reweights much of the batch, whatever the mean gap says."})
+    bit_exact: bool = field(default=False, metadata={
+        "help": "Opt-in bit-exact mode: vLLM's batch-invariant kernels (VLLM_BATCH_INVARIANT=1; colocated, they "
+                "replace mm/log_softmax/softmax/mean for the trainer too) and a gate that requires trainer and "
+                "engine logprobs to be equal (every threshold 0). Needs a CUDA GPU (SM80+); elsewhere the gate fails "
+                "with cause bit_exact and the reason."})
     probe_size: int = field(default=8, metadata={"help": "Prompts in the gate's dynamic probe."})
     probe_tokens: int = field(default=16, metadata={"help": "Tokens the engine samples per probe prompt."})
     probe_interval: int = field(default=0, metadata={
@@ -160,6 +165,10 @@ class CorrectGRPOConfig(GRPOConfig):
             v = getattr(self, name)
             if v is not None and not v > 0:
                 bad(name, "a threshold must be > 0, or null for the dtype default")
+            if v is not None and self.bit_exact:
+                bad(name, "bit_exact requires every difference to be 0; remove the threshold or set bit_exact: false")
+        if self.bit_exact and _has_gpu():  # read by vLLM when it builds its kernels (before any engine exists)
+            os.environ["VLLM_BATCH_INVARIANT"] = "1"
         sharded = [k for k in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{k}", "").lower() == "true"]
         if sharded and not _has_gpu():
             # measured: with use_cpu, accelerate drops the FSDP plugin and runs plain DDP without a word
@@ -193,6 +202,8 @@ class CorrectGRPOConfig(GRPOConfig):
 
     def thresholds(self, compute_dtype: str, on_gpu: bool = False) -> tuple[dict, str]:
         """Gate thresholds and where they came from (value with reason)."""
+        if self.bit_exact:
+            return dict(mean_abs_logprob_diff=0.0, max_abs_logprob_diff=0.0, kl_k3=0.0), "bit_exact: equal or fail"
         gpu_fp32 = on_gpu and compute_dtype == "float32"
         base = dict(GPU_FP32_THRESHOLDS if gpu_fp32 else DEFAULT_THRESHOLDS.get(compute_dtype,
                                                                                 DEFAULT_THRESHOLDS["bfloat16"]))

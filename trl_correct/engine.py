@@ -12,6 +12,7 @@ exactly what was sent (float64 sum and sum of squares per group, robust to vLLM'
 
 import functools
 import os
+import sys
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import torch
 # vllm is imported; a user's own value is kept.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
+import vllm.envs as vllm_envs  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402
 
 from .sampler import VLLM_V1_ORDER, SamplerSpec  # noqa: E402
@@ -69,6 +71,33 @@ class EngineSettings:
     sampler: SamplerSpec = field(default_factory=SamplerSpec)  # the same object the trainer scores with
     max_tokens: int = 16
     generation_kwargs: dict = field(default_factory=dict)
+
+
+def batch_invariant_unsupported() -> str | None:
+    """Why vLLM's batch-invariant mode cannot run here; None when it can."""
+    try:
+        from vllm.model_executor.determinism import batch_invariant  # noqa: F401  (vLLM >= 0.30)
+    except ImportError:
+        try:
+            from vllm.model_executor.layers import batch_invariant  # noqa: F401
+        except ImportError:
+            return f"vLLM {_vllm_version()} has no batch-invariant mode"
+    if not torch.cuda.is_available():
+        return ("vLLM's batch-invariant kernels are CUDA kernels (Triton matmul/log_softmax/mean overrides, "
+                "FlashAttention with one split); this machine has no CUDA GPU")
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        return f"vLLM's batch-invariant kernels need an SM80+ GPU; this one is SM{major}{minor}"
+    return None
+
+
+def batch_invariant_active() -> bool:
+    """vLLM's batch-invariant aten overrides are registered in this process (colocated: the trainer's ops too)."""
+    for path in ("vllm.model_executor.determinism.batch_invariant", "vllm.model_executor.layers.batch_invariant"):
+        module = sys.modules.get(path)
+        if module is not None and getattr(module, "_batch_invariant_MODE", False):
+            return True
+    return False
 
 
 def head_dtype_supported() -> bool:
@@ -243,7 +272,9 @@ class Engine:
             frequency_penalty=sp.frequency_penalty, generation_config=self.generation_defaults,
             sampler_order=list(sampler_order()),
             unreproduced={k: v for k, v in self.settings.generation_kwargs.items() if k in UNREPRODUCED_KWARGS and v},
-            block_size=cfg.cache_config.block_size, vllm_version=_vllm_version())
+            block_size=cfg.cache_config.block_size, vllm_version=_vllm_version(),
+            batch_invariant=bool(vllm_envs.VLLM_BATCH_INVARIANT) and batch_invariant_active(),
+            batch_invariant_unsupported=batch_invariant_unsupported())
 
     # -- weights ---------------------------------------------------------------------------------------------------
     def _rpc(self, fn, **kwargs):

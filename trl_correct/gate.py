@@ -161,10 +161,26 @@ def static_checks(trainer: dict, engine: dict) -> list[Check]:
                         + " (its logprobs are random draws; the engine has no dropout)" if drop else
                         "no dropout in the trainer's forward", "" if not drop else
                         "set the dropout rates to 0 (lora_dropout: 0; the model config's attention/hidden dropout)"))
+    if trainer.get("bit_exact"):
+        checks.append(bit_exact_check(engine.get("batch_invariant_unsupported"), bool(engine.get("batch_invariant"))))
     asyn = bool(engine["async_scheduling"])
     checks.append(Check("async_scheduling", not asyn, f"async scheduling {'on' if asyn else 'off'}",
                         "set async_scheduling off (trl-correct builds the engine with it off)" if asyn else ""))
     return checks
+
+
+def bit_exact_check(unsupported: str | None, active: bool) -> Check:
+    """bit_exact requested: vLLM's batch-invariant mode must be possible here and on (colocated, the engine's
+    aten overrides are the trainer's too); the probe and every batch then have to match exactly (thresholds 0)."""
+    if unsupported:
+        return Check("bit_exact", False, f"bit_exact requested: {unsupported}",
+                     "set bit_exact: false (the default mode, with TIS) or run on a CUDA GPU (SM80+)")
+    if not active:
+        return Check("bit_exact", False, "bit_exact requested but vLLM's batch-invariant mode is off "
+                                         "(VLLM_BATCH_INVARIANT was not set before vLLM built its kernels)",
+                     "export VLLM_BATCH_INVARIANT=1 before launching")
+    return Check("bit_exact", True, "vLLM's batch-invariant kernels on for the engine and (colocated) the trainer; "
+                                    "every logprob difference must be 0")
 
 
 def weight_sync_check(stale: list[str], version: int) -> Check:

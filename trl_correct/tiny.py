@@ -50,7 +50,9 @@ def tiny_model_dir(build: bool = True) -> Path:
     return out
 
 
-def _build(out: Path) -> None:
+def _build(out: Path, shape: dict | None = None, pretrain_steps: int = PRETRAIN_STEPS, device: str = "cpu") -> None:
+    """Build the tiny model into `out`. Benchmarks pass another `shape` (Qwen2Config fields), `pretrain_steps` and
+    `device` (bench/models.py); the defaults build the embedded model."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -68,8 +70,8 @@ def _build(out: Path) -> None:
 
     torch.manual_seed(SEED)
     config = Qwen2Config(vocab_size=tok.get_vocab_size(), tie_word_embeddings=False, eos_token_id=0,
-                         bos_token_id=0, pad_token_id=0, torch_dtype="float32", **MODEL_SHAPE)
-    model = Qwen2ForCausalLM(config)
+                         bos_token_id=0, pad_token_id=0, torch_dtype="float32", **(shape or MODEL_SHAPE))
+    model = Qwen2ForCausalLM(config).to(device)
     ids = []
     for p in paras:
         ids += tok.encode(p).ids + [0]
@@ -77,17 +79,17 @@ def _build(out: Path) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR, weight_decay=0.0)
     gen = torch.Generator().manual_seed(SEED)
     model.train()
-    for step in range(PRETRAIN_STEPS):
+    for step in range(pretrain_steps):
         starts = torch.randint(0, len(data) - PRETRAIN_SEQ - 1, (PRETRAIN_BATCH,), generator=gen)
-        batch = torch.stack([data[s:s + PRETRAIN_SEQ] for s in starts.tolist()])
-        lr = PRETRAIN_LR * min(1.0, (step + 1) / 50) * (1 - step / PRETRAIN_STEPS)  # warmup, linear decay
+        batch = torch.stack([data[s:s + PRETRAIN_SEQ] for s in starts.tolist()]).to(device)
+        lr = PRETRAIN_LR * min(1.0, (step + 1) / 50) * (1 - step / pretrain_steps)  # warmup, linear decay
         for group in opt.param_groups:
             group["lr"] = lr
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
-    model.eval()
+    model.eval().cpu()
     model.generation_config = GenerationConfig(eos_token_id=0, pad_token_id=0, bos_token_id=0)
     model.save_pretrained(out, safe_serialization=True)
     rng = random.Random(SEED)
@@ -96,7 +98,7 @@ def _build(out: Path) -> None:
         words = p.split()[:12]
         prompts.append({"prompt": " ".join(words)})
     (out / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
-    (out / "pretrain.json").write_text(json.dumps({"final_loss": round(loss.item(), 4), "steps": PRETRAIN_STEPS}))
+    (out / "pretrain.json").write_text(json.dumps({"final_loss": round(loss.item(), 4), "steps": pretrain_steps}))
     (out / "done").write_text("ok\n")
 
 

@@ -126,7 +126,7 @@ class CorrectGRPOTrainer(GateRunner, GRPOTrainer):
                     **{k: spec[k] for k in spec if k != "order"}, sampler_order=spec["order"],
                     sampler_unreproducible=self.sampler_unreproducible,
                     sampler_defaults_applied=self.sampler_defaults_applied,
-                    dropout=dropout_sources(self.accelerator.unwrap_model(self.model)))
+                    dropout=dropout_sources(self.accelerator.unwrap_model(self.model)), bit_exact=self.args.bit_exact)
 
     def probe_prompts(self) -> list[list[int]]:
         """Token ids of the probe prompts: the first `probe_size` training prompts. With prefix caching on, each

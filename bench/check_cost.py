@@ -1,0 +1,113 @@
+"""How trl-correct's own cost grows: the gate and the per-step checks at three batch sizes and two vocab sizes.
+
+    python bench/check_cost.py [--models tiny,tiny-v152k] [--sizes 8x32,16x64,32x128] [--steps 5] [--no-append]
+
+For each model (bench/models.py: the tiny model, vocab 1,024, and the same body with Qwen2.5's 151,936-token vocab)
+and each batch (completions x max tokens per step), one process trains `--steps` GRPO steps of CorrectGRPOTrainer with
+its defaults and measures, from step 2 on:
+- step: TRL's `step_time` (generation, sync, scoring, checks, backward), median;
+- checks: trl-correct's own per-step work, split into the batch checks + metrics (what CorrectGRPOTrainer adds around
+  TRL's generate-and-score: token identity, mismatch/ratio statistics, TIS weights, gathers) and the weight-sync
+  verification (trainer- and engine-side fingerprints), as in bench/vs_stock.py;
+- gate: one full gate (sync, static checks, probe at T and at a second temperature, loss audit, self-consistency,
+  token identity of a dry batch) with the probe sized like the batch (probe_size = completions, probe_tokens = max
+  tokens), median of 2 runs after training.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import DOCS, append, single_process_env  # noqa: E402
+
+
+def child(a) -> None:
+    single_process_env()
+    from trl import GRPOTrainer
+
+    import trl_correct.engine as engine_mod
+    from models import model_dir
+    from trl_correct import CorrectGRPOConfig, CorrectGRPOTrainer
+    from trl_correct.tiny import keyword_reward, tiny_prompts
+    from vs_stock import SHAPE, _instrument
+
+    n, t = (int(x) for x in a.size.split("x"))
+    cost, snaps = {}, []
+    _instrument(cost, GRPOTrainer, CorrectGRPOTrainer, engine_mod)
+
+    class Snap(CorrectGRPOTrainer):
+        def _generate_and_score_completions(self, inputs):
+            if self.model.training:
+                snaps.append(dict(cost))
+            return super()._generate_and_score_completions(inputs)
+
+    shape = dict(SHAPE, per_device_train_batch_size=n, max_completion_length=t)
+    args = CorrectGRPOConfig(output_dir=tempfile.mkdtemp(), max_steps=a.steps, seed=0, probe_size=n, probe_tokens=t,
+                             **shape)
+    trainer = Snap(model=str(model_dir(a.model)), reward_funcs=[keyword_reward], args=args,
+                   train_dataset=tiny_prompts())
+    trainer.train()
+    gate = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        report = trainer.run_gate()
+        gate.append(time.perf_counter() - t0)
+        assert report.passed, report.table()
+
+    def per_step(key):
+        return (cost.get(key, 0) - snaps[2].get(key, 0)) / (len(snaps) - 2)
+
+    steps = trainer.step_records[2:]
+    with open(a.out, "w") as f:
+        json.dump(dict(step=statistics.median(h["step_time"] for h in trainer.state.log_history
+                                              if "step_time" in h and h["step"] > 2),
+                       batch=per_step("ours") - per_step("trl"), sync=per_step("tap") + per_step("verify"),
+                       tokens=statistics.mean(r["n_tokens"] for r in steps), gate=statistics.median(gate),
+                       params=sum(p.numel() for p in trainer.model.parameters()),
+                       vocab=trainer.model.config.vocab_size), f)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="tiny,tiny-v152k")
+    ap.add_argument("--sizes", default="8x32,16x64,32x128", help="completions x max tokens per step")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--no-append", action="store_true")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--size", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        return child(a)
+    out_dir = tempfile.mkdtemp(prefix="check-cost-")
+    rows = ["| model | vocab | params | batch (completions x max tokens) | scored tokens / step | step s | batch checks "
+            "ms | sync verify ms | checks % of step | gate s (probe = batch) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for model in a.models.split(","):
+        subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "models.py"), model], check=True,
+                       capture_output=True)
+        for size in a.sizes.split(","):
+            path = os.path.join(out_dir, f"{model}-{size}.json")
+            p = subprocess.run([sys.executable, __file__, "--child", "--model", model, "--size", size, "--steps",
+                                str(a.steps), "--out", path], capture_output=True, text=True)
+            if p.returncode:
+                sys.exit(f"{model} {size} failed:\n{p.stderr[-4000:]}")
+            r = json.load(open(path))
+            checks = r["batch"] + r["sync"]
+            rows.append(f"| {model} | {r['vocab']:,} | {r['params'] / 1e6:.2f}M | {size} | {r['tokens']:.0f} | "
+                        f"{r['step']:.3f} | {1e3 * r['batch']:.2f} | {1e3 * r['sync']:.2f} | "
+                        f"{100 * checks / r['step']:.1f} % | {r['gate']:.2f} |")
+            print(rows[-1], flush=True)
+    append("Cost of the gate and the per-step checks vs batch and vocab size", "\n".join(rows),
+           f"{a.steps} GRPO steps per row (steps 0-1 not timed), recipes/tiny.yaml otherwise (T = 0.9, fp32).",
+           None if a.no_append else DOCS)
+
+
+if __name__ == "__main__":
+    main()
