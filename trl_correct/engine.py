@@ -130,6 +130,16 @@ def _fingerprint(named_tensors, dtypes: dict | None = None) -> dict:
 HEAD_GROUP = "lm_head:effective"  # the head as the engine computes logits with it (tied or not)
 
 
+def _sent_fingerprint(name: str, t: torch.Tensor, dtypes: dict, head_source: str | None) -> dict:
+    """Fingerprint of one streamed tensor, cast as the engine stores it; the tensor that feeds the engine's head
+    also counts for HEAD_GROUP (the applied head is W^T: W's sums, cast as the head is)."""
+    fp = _fingerprint([(name, t)], dtypes)
+    if name == head_source:
+        same = dtypes.get(HEAD_GROUP) == dtypes.get(group_of(name))
+        fp[HEAD_GROUP] = fp[group_of(name)] if same else _fingerprint([(HEAD_GROUP, t)], dtypes)[HEAD_GROUP]
+    return fp
+
+
 def _applied_weight(module, param: torch.Tensor) -> torch.Tensor:
     """W^T as the layer computes with it: the layer applied to the identity (one non-zero product per output, so
     exact in any dtype), whatever packed copy or layout vLLM keeps (on CPU it prepacks linear and head weights)."""
@@ -152,7 +162,8 @@ def _engine_fingerprint(worker) -> tuple[dict, dict, str | None]:
     """Fingerprint every engine parameter (a packed linear through the layer itself) plus the lm_head as applied.
     Returns (fingerprint, dtype per group, name of the parameter that feeds the head)."""
     model = _model(worker)
-    pairs, dtypes, names = [], {}, {}
+    head = getattr(model, "lm_head", None)
+    pairs, dtypes, names, head_applied = [], {}, {}, None
     for mod_name, module in model.named_modules():
         for leaf, p in module.named_parameters(recurse=False):
             if id(p) in names:  # tied weights count once, as in the HF model
@@ -162,11 +173,12 @@ def _engine_fingerprint(worker) -> tuple[dict, dict, str | None]:
             packed = leaf == "weight" and p.numel() == 0 and hasattr(module, "quant_method")
             pairs.append((name, _applied_weight(module, p) if packed else p))
             dtypes[group_of(name)] = p.dtype
-    head = getattr(model, "lm_head", None)
+            if packed and module is head:  # the head's own packed weight, as applied: reused for HEAD_GROUP
+                head_applied = pairs[-1][1]
     weight = getattr(head, "weight", None)
     source = names.get(id(weight)) if weight is not None and hasattr(head, "quant_method") else None
     if source is not None:
-        pairs.append((HEAD_GROUP, _applied_weight(head, weight)))
+        pairs.append((HEAD_GROUP, head_applied if head_applied is not None else _applied_weight(head, weight)))
         dtypes[HEAD_GROUP] = weight.dtype
     return _fingerprint(pairs), dtypes, source
 
@@ -316,13 +328,9 @@ class Engine:
 
         def tap(pairs):  # fingerprint exactly what is streamed, cast as the engine stores it
             for name, t in pairs:
-                for g, (a, b) in _fingerprint([(name, t)], self.param_dtypes).items():
+                for g, (a, b) in _sent_fingerprint(name, t, self.param_dtypes, self.head_source).items():
                     expected[g][0] += a
                     expected[g][1] += b
-                    if name == self.head_source:  # the applied head is W^T: W's sums, cast as the head is
-                        same = self.param_dtypes.get(HEAD_GROUP) == self.param_dtypes.get(g)
-                        expected[HEAD_GROUP] = [a, b] if same else _fingerprint([(HEAD_GROUP, t)],
-                                                                                self.param_dtypes)[HEAD_GROUP]
                 yield name, t
 
         pairs = self.weights_fn()

@@ -314,14 +314,17 @@ class CorrectGRPOTrainer(GateRunner, GRPOTrainer):
     def _token_identity(self, out: dict, sampled: dict, label: str) -> Check:
         """Every scored completion must hold the token ids the engine sampled for its prompt (model tokens only)."""
         cmask = out["completion_mask"].bool()
+        width = cmask.size(1)
+        scored = torch.where(cmask.any(1), width - cmask.flip(1).int().argmax(1), 0).tolist()  # last scored + 1
+        prompts, pmask = out["prompt_ids"].tolist(), out["prompt_mask"].bool().tolist()  # one copy, not one per row
+        completions = out["completion_ids"].tolist()
+        tools = out["tool_mask"].bool().tolist() if "tool_mask" in out else None
         rows = []
-        for i in range(cmask.size(0)):
-            n = int(cmask[i].nonzero().max()) + 1 if cmask[i].any() else 0
+        for i, n in enumerate(scored):
             if not n:  # nothing of this completion is scored (e.g. a masked truncated completion)
                 continue
-            prompt = out["prompt_ids"][i][out["prompt_mask"][i].bool()].tolist()
-            flags = out["tool_mask"][i][:n].bool().tolist() if "tool_mask" in out else [True] * n
-            rows.append((prompt, out["completion_ids"][i][:n].tolist(), flags))
+            prompt = [t for t, keep in zip(prompts[i], pmask[i]) if keep]
+            rows.append((prompt, completions[i][:n], tools[i][:n] if tools else [True] * n))
         return self._identity_check(rows, sampled, label, self.eos_token_ids)
 
     def _gather_flat(self, x: torch.Tensor) -> torch.Tensor:
