@@ -56,8 +56,8 @@ def append(title: str, table: str, notes: str = "", append_to: Path | None = DOC
     except OSError:
         commit = ""
     block = (f"\n## {title} ({date.today().isoformat()})\n\nCommand: `{cmd}`" + (f" (at {commit})" if commit else "")
-             + f"\nMachine: {machine()}. Versions: {versions()}.\n\n{table.strip()}\n" + (f"\n{notes.strip()}\n" if notes
-                                                                                        else ""))
+             + f"\nMachine: {machine()}. Versions: {versions()}.\n\n{table.strip()}\n"
+             + (f"\n{notes.strip()}\n" if notes else ""))
     print(block, flush=True)
     if append_to is not None:
         with open(append_to, "a") as f:

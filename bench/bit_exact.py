@@ -36,8 +36,10 @@ def child(a) -> None:
     from vs_stock import SHAPE
 
     overrides, _ = MODES[a.mode]
+    import torch
+
     args = CorrectGRPOConfig(output_dir=tempfile.mkdtemp(), max_steps=a.steps, seed=a.seed, bf16=a.bf16,
-                             **dict(SHAPE, **overrides))
+                             use_cpu=not torch.cuda.is_available(), **dict(SHAPE, **overrides))
     out = dict(error=None)
     try:
         trainer = CorrectGRPOTrainer(model=str(model_dir(a.model)), reward_funcs=[keyword_reward], args=args,
@@ -84,8 +86,9 @@ def main() -> None:
                 sys.exit(f"{mode} run {rep} failed:\n{p.stderr[-4000:]}")
             runs[mode].append(json.load(open(path)))
             print(mode, rep, runs[mode][-1], flush=True)
-    rows = ["| mode | batch-invariant kernels | gate | causes | probe mean / max \\|Δ\\| | probe k3 KL | worst batch max "
-            "\\|Δ\\| | step s: min / median / max | step vs default |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| mode | batch-invariant kernels | gate | causes | probe mean / max \\|Δ\\| | probe k3 KL "
+            "| worst batch max \\|Δ\\| | step s: min / median / max | step vs default |",
+            "|---|---|---|---|---|---|---|---|---|"]
     base = statistics.median(r["step"] for r in runs["default"] if r["error"] is None)
     for mode, rs in runs.items():
         r = rs[0]

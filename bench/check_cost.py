@@ -49,7 +49,7 @@ def child(a) -> None:
 
     shape = dict(SHAPE, per_device_train_batch_size=n, max_completion_length=t)
     args = CorrectGRPOConfig(output_dir=tempfile.mkdtemp(), max_steps=a.steps, seed=0, probe_size=n, probe_tokens=t,
-                             **shape)
+                             bf16=False, **shape)
     trainer = Snap(model=str(model_dir(a.model)), reward_funcs=[keyword_reward], args=args,
                    train_dataset=tiny_prompts())
     trainer.train()
@@ -87,8 +87,9 @@ def main() -> None:
     if a.child:
         return child(a)
     out_dir = tempfile.mkdtemp(prefix="check-cost-")
-    rows = ["| model | vocab | params | batch (completions x max tokens) | scored tokens / step | step s | batch checks "
-            "ms | sync verify ms | checks % of step | gate s (probe = batch) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | vocab | params | batch (completions x max tokens) | scored tokens / step | step s "
+            "| batch checks ms | sync verify ms | checks % of step | gate s (probe = batch) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for model in a.models.split(","):
         subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "models.py"), model], check=True,
                        capture_output=True)

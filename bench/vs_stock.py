@@ -1,6 +1,7 @@
 """trl-correct vs stock TRL 1.16 on the same GRPO work: trainer/engine parity of every training batch, and step time.
 
-    python bench/vs_stock.py [--rows fp32,fp32-same-engine,bf16] [--steps 12] [--repeats 5] [--model NAME|DIR] [--no-append]
+    python bench/vs_stock.py [--rows fp32,fp32-same-engine,bf16] [--steps 12] [--repeats 5] [--model NAME|DIR]
+                             [--no-append] [--resume DIR]
 
 stock = TRL's `GRPOTrainer(use_vllm=True, vllm_mode="colocate")` with TRL's defaults: engine dtype `auto`, lm_head in
 the trainer's dtype, IS correction `sequence_mask` capped at 3. ours = `CorrectGRPOTrainer` with its defaults: engine in
@@ -188,8 +189,9 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def table(results) -> str:
-    lines = ["| row | run | engine dtype | tokens | mean \\|Δ\\| | p99 \\|Δ\\| | max \\|Δ\\| | k3 KL | ratio ∉ [0.8, 1.25] "
-             "| IS clip/mask | step s: min / median / max | step vs stock | our checks per step |",
+    lines = ["| row | run | engine dtype | tokens | mean \\|Δ\\| | p99 \\|Δ\\| | max \\|Δ\\| | k3 KL "
+             "| ratio ∉ [0.8, 1.25] | IS clip/mask | step s: min / median / max | step vs stock "
+             "| our checks per step |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row, res in results:
         stock_med = statistics.median(res["stock"]["step"])

