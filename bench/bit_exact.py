@@ -51,7 +51,7 @@ def child(a) -> None:
         g = trainer.gate_report
         out.update(passed=g.passed, causes=[c.name for c in g.checks if not c.passed],
                    detail=next((c.detail for c in g.checks if c.name == "bit_exact"), ""),
-                   probe={k: g.stats.get(k) for k in ("mean_abs_logprob_diff", "max_abs_logprob_diff", "kl_k3")},
+                   probe={k: g.mismatch.get(k) for k in ("mean_abs_logprob_diff", "max_abs_logprob_diff", "kl_k3")},
                    steps_max=max(r["max_abs_logprob_diff"] for r in trainer.step_records),
                    step=statistics.median(h["step_time"] for h in trainer.state.log_history
                                           if "step_time" in h and h["step"] > 2),

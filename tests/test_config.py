@@ -89,3 +89,11 @@ def test_sampler_spec_is_the_one_place(tmp_path):
 def test_bit_exact_means_every_threshold_is_zero(tmp_path):
     th, why = cfg(tmp_path, bit_exact=True).thresholds("bfloat16", on_gpu=True)
     assert th == dict(mean_abs_logprob_diff=0.0, max_abs_logprob_diff=0.0, kl_k3=0.0) and "bit_exact" in why
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the switch is valid on a GPU")
+def test_batch_invariant_switch_without_gpu_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_BATCH_INVARIANT", "1")
+    with pytest.raises(ValueError) as e:
+        cfg(tmp_path)
+    assert str(e.value).startswith("VLLM_BATCH_INVARIANT=1 is invalid:") and "\n" not in str(e.value)

