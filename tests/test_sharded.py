@@ -6,7 +6,9 @@ whole tensors); and a sharded
 config launched on a CPU stops with a one-line error instead of accelerate's silent fallback to DDP (measured: with
 use_cpu, accelerate drops the FSDP plugin and trains plain DDP)."""
 
+import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -50,11 +52,17 @@ def test_zero3_partitions_reach_the_engine_whole(tiny_dir):
 
 
 def test_sharded_config_on_a_cpu_is_a_one_line_error(tmp_path):
+    with socket.socket() as sock:  # a free port: the default 29500 may still be held by an earlier launch
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items()  # not the rank variables an in-process engine of this session set
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     p = subprocess.run([str(BIN / "accelerate"), "launch", "--config_file", "accelerate_configs/fsdp2.yaml",
-                        "--num_processes", "2", "--mixed_precision", "no", "-m", "trl_correct.train",
-                        "--config", "recipes/tiny.yaml", "--output_dir", str(tmp_path)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+                        "--num_processes", "2", "--main_process_port", str(port), "--mixed_precision", "no",
+                        "-m", "trl_correct.train", "--config", "recipes/tiny.yaml", "--output_dir", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode != 0
     lines = [re.sub(r"^\[rank\d+\]: ", "", x) for x in p.stderr.splitlines()]
-    line = next(x for x in lines if x.startswith("ValueError: distributed_type=FSDP is invalid"))
+    line = next((x for x in lines if x.startswith("ValueError: distributed_type=FSDP is invalid")), None)
+    assert line is not None, p.stderr[-3000:]
     assert "cpu_2proc.yaml" in line
