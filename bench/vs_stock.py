@@ -34,7 +34,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import append, single_process_env  # noqa: E402
+from _common import DOCS, append, single_process_env  # noqa: E402
 
 # row -> (trainer bf16?, engine dtype forced on stock). fp32 and bf16 are what each side does by default;
 # fp32-same-engine forces stock's engine to fp32 too, so the two runs differ only by trl-correct's own work.
@@ -160,15 +160,15 @@ def child(a) -> None:
         dtype = trainer.vllm_generation.llm.llm_engine.vllm_config.model_config.dtype
         engine_dtype = str(dtype).removeprefix("torch.")
     checks = None
-    if ours:  # per step from step 2 on: the gate before step 0 is bench/gate_cost.py's business
+    if ours:  # per step from step 2 on: the gate before step 0 is bench/check_cost.py's business
 
         def ours_s(c):
             return c.get("ours", 0) - c.get("trl", 0) + c.get("tap", 0) + c.get("verify", 0)
 
         checks = (ours_s(cost) - ours_s(snaps[2])) / (len(snaps) - 2)
     with open(a.out, "w") as f:
-        json.dump(dict(cost={k: (v - snaps[2].get(k, 0)) / (len(snaps) - 2) for k, v in cost.items()} if ours else None,
-                       batches=batches, step_times=times, engine_dtype=engine_dtype, checks_s=checks,
+        per_step = {k: (v - snaps[2].get(k, 0)) / (len(snaps) - 2) for k, v in cost.items()} if ours else None
+        json.dump(dict(cost=per_step, batches=batches, step_times=times, engine_dtype=engine_dtype, checks_s=checks,
                        train_s=train_s), f)
 
 
@@ -256,7 +256,7 @@ def main() -> None:
     notes = (f"Model: {model}; recipes/tiny.yaml shape (16 completions x 24 tokens, T = 0.9), {a.steps} steps per run, "
              f"{a.repeats} interleaved runs per variant and row.")
     append("trl-correct vs stock TRL: parity and step time", table(results), notes,
-           None if a.no_append else __import__("_common").DOCS)
+           None if a.no_append else DOCS)
 
 
 if __name__ == "__main__":
