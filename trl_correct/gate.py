@@ -4,9 +4,9 @@ Deciding is a pure function of facts and measurements gathered elsewhere (engine
 trainer.py the trainer's). Nothing here imports vLLM or TRL, so every check is tested on hand-made facts.
 A failed check's `name` is the *cause* reported everywhere (logs, exceptions, correctness_report.json).
 
-Check names: logprobs_mode, dtype, lm_head_dtype, sampler, generation_config, prefix_cache, dropout, prefix_cache_reset,
-async_scheduling, weight_sync, mismatch, sampler_support, non_finite_logprobs, ratio_clipped, correction_not_applied,
-temperature, token_mismatch, trainer_consistency.
+Check names: logprobs_mode, dtype, lm_head_dtype, sampler, generation_config, prefix_cache, dropout, bit_exact,
+prefix_cache_reset, async_scheduling, weight_sync, mismatch, sampler_support, non_finite_logprobs, ratio_clipped,
+correction_not_applied, temperature, token_mismatch, trainer_consistency.
 """
 
 import math
