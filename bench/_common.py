@@ -1,9 +1,12 @@
-"""Shared by the benches: machine/version header, in-process vLLM env, appending a table to docs/BENCHMARKS.md."""
+"""Shared by the benches: in-process vLLM env, child runs, step times, timing of trl-correct's own per-step work,
+the machine/version header, appending a table to docs/BENCHMARKS.md."""
 
+import json
 import os
 import platform
 import subprocess
 import sys
+import time
 from datetime import date
 from pathlib import Path
 
@@ -17,6 +20,91 @@ def single_process_env(port_offset: int = 0) -> None:
     for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                      MASTER_PORT=str(29500 + (os.getpid() + port_offset) % 2000)).items():
         os.environ.setdefault(k, v)
+
+
+def run_child(args: list[str], out: str, label: str, env: dict | None = None) -> dict:
+    """Run `python *args` (a bench's own --child mode, writing JSON to `out`); exit with its stderr if it fails."""
+    p = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env)
+    if p.returncode or not os.path.exists(out):
+        sys.exit(f"{label} failed:\n{p.stderr[-4000:]}")
+    with open(out) as f:
+        return json.load(f)
+
+
+def step_times(trainer, skip: int = 2) -> list[float]:
+    """TRL's `step_time` (generation, sync, scoring, checks, backward) of every optimizer step after the first `skip`
+    (start-up work lands in those)."""
+    return [h["step_time"] for h in trainer.state.log_history if "step_time" in h][skip:]
+
+
+def _timed(owner, name: str, bucket: dict, key: str) -> None:
+    """Wrap owner.name so every call adds its wall time to bucket[key]."""
+    fn = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            bucket[key] = bucket.get(key, 0.0) + time.perf_counter() - t0
+
+    setattr(owner, name, wrapper)
+
+
+def instrument(cost: dict) -> list[dict]:
+    """Accumulate trl-correct's own work in `cost`: ours - trl = what CorrectGRPOTrainer adds around TRL's
+    generate-and-score; verify = the engine-side fingerprint; tap = the trainer-side fingerprint of the streamed
+    weights (every _fingerprint call outside verify). Returns the list that receives a copy of `cost` at the start
+    of every training step (for `own_work_per_step`)."""
+    from trl import GRPOTrainer
+
+    import trl_correct.engine as engine_mod
+    from trl_correct import CorrectGRPOTrainer
+
+    snaps = []
+    generate_and_score = CorrectGRPOTrainer._generate_and_score_completions
+
+    def snapshot_first(self, inputs):
+        if self.model.training:
+            snaps.append(dict(cost))
+        return generate_and_score(self, inputs)
+
+    CorrectGRPOTrainer._generate_and_score_completions = snapshot_first
+    _timed(GRPOTrainer, "_generate_and_score_completions", cost, "trl")
+    _timed(CorrectGRPOTrainer, "_generate_and_score_completions", cost, "ours")
+    inner, in_verify = engine_mod._fingerprint, []
+
+    def fingerprint(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            if not in_verify:
+                cost["tap"] = cost.get("tap", 0.0) + time.perf_counter() - t0
+
+    verify = engine_mod.Engine.verify
+
+    def flagged_verify(self, expected):
+        in_verify.append(True)
+        try:
+            return verify(self, expected)
+        finally:
+            in_verify.pop()
+
+    engine_mod._fingerprint, engine_mod.Engine.verify = fingerprint, flagged_verify
+    _timed(engine_mod.Engine, "verify", cost, "verify")
+    return snaps
+
+
+def own_work_per_step(cost: dict, snaps: list[dict], skip: int = 2) -> dict:
+    """Seconds per step from step `skip` on (the gate before step 0 is left out): `batch` (checks and metrics on
+    each batch), `sync` (verifying the weight sync), `total`, and every raw bucket."""
+    n = len(snaps) - skip
+    d = {k: (v - snaps[skip].get(k, 0.0)) / n for k, v in cost.items()}
+    d["batch"] = d.get("ours", 0.0) - d.get("trl", 0.0)
+    d["sync"] = d.get("tap", 0.0) + d.get("verify", 0.0)
+    d["total"] = d["batch"] + d["sync"]
+    return d
 
 
 def machine() -> str:

@@ -16,12 +16,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import DOCS, append, single_process_env  # noqa: E402
+from _common import DOCS, append, run_child, single_process_env, step_times  # noqa: E402
 
 MODES = {"default": ({}, {}), "bit_exact": (dict(bit_exact=True, gate="observe"), {}),
          "bit_exact, VLLM_BATCH_INVARIANT=1 exported": (dict(bit_exact=True, gate="observe"),
@@ -53,8 +52,7 @@ def child(a) -> None:
                    detail=next((c.detail for c in g.checks if c.name == "bit_exact"), ""),
                    probe={k: g.mismatch.get(k) for k in ("mean_abs_logprob_diff", "max_abs_logprob_diff", "kl_k3")},
                    steps_max=max(r["max_abs_logprob_diff"] for r in trainer.step_records),
-                   step=statistics.median(h["step_time"] for h in trainer.state.log_history
-                                          if "step_time" in h and h["step"] > 2),
+                   step=statistics.median(step_times(trainer)),
                    batch_invariant=trainer.engine.facts()["batch_invariant"])
     with open(a.out, "w") as f:
         json.dump(out, f)
@@ -79,12 +77,9 @@ def main() -> None:
     for rep in range(a.repeats):
         for mode, (_, env) in MODES.items():
             path = os.path.join(out_dir, f"{len(runs[mode])}-{list(MODES).index(mode)}.json")
-            cmd = [sys.executable, __file__, "--child", "--mode", mode, "--model", a.model, "--steps", str(a.steps),
-                   "--seed", str(rep), "--out", path] + (["--bf16"] if a.bf16 else [])
-            p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **env))
-            if p.returncode or not os.path.exists(path):
-                sys.exit(f"{mode} run {rep} failed:\n{p.stderr[-4000:]}")
-            runs[mode].append(json.load(open(path)))
+            cmd = [__file__, "--child", "--mode", mode, "--model", a.model, "--steps", str(a.steps), "--seed",
+                   str(rep), "--out", path] + (["--bf16"] if a.bf16 else [])
+            runs[mode].append(run_child(cmd, path, f"{mode} run {rep}", env=dict(os.environ, **env)))
             print(mode, rep, runs[mode][-1], flush=True)
     rows = ["| mode | batch-invariant kernels | gate | causes | probe mean / max \\|Δ\\| | probe k3 KL "
             "| worst batch max \\|Δ\\| | step s: min / median / max | step vs default |",

@@ -18,58 +18,41 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import DOCS, append, single_process_env  # noqa: E402
+from _common import DOCS, append, instrument, own_work_per_step, run_child, single_process_env, step_times  # noqa: E402
 
 
 def child(a) -> None:
     single_process_env()
-    from trl import GRPOTrainer
-
-    import trl_correct.engine as engine_mod
     from models import model_dir
     from trl_correct import CorrectGRPOConfig, CorrectGRPOTrainer
     from trl_correct.tiny import keyword_reward, tiny_prompts
-    from vs_stock import SHAPE, _instrument
+    from vs_stock import SHAPE
 
     n, t = (int(x) for x in a.size.split("x"))
-    cost, snaps = {}, []
-    _instrument(cost, GRPOTrainer, CorrectGRPOTrainer, engine_mod)
-
-    class Snap(CorrectGRPOTrainer):
-        def _generate_and_score_completions(self, inputs):
-            if self.model.training:
-                snaps.append(dict(cost))
-            return super()._generate_and_score_completions(inputs)
-
+    cost = {}
+    snaps = instrument(cost)
     shape = dict(SHAPE, per_device_train_batch_size=n, max_completion_length=t)
     args = CorrectGRPOConfig(output_dir=tempfile.mkdtemp(), max_steps=a.steps, seed=0, probe_size=n, probe_tokens=t,
                              bf16=False, **shape)
-    trainer = Snap(model=str(model_dir(a.model)), reward_funcs=[keyword_reward], args=args,
-                   train_dataset=tiny_prompts())
+    trainer = CorrectGRPOTrainer(model=str(model_dir(a.model)), reward_funcs=[keyword_reward], args=args,
+                                 train_dataset=tiny_prompts())
     trainer.train()
+    own = own_work_per_step(cost, snaps)  # before the gate runs below: their syncs are not training steps
     gate = []
     for _ in range(2):
         t0 = time.perf_counter()
         report = trainer.run_gate()
         gate.append(time.perf_counter() - t0)
         assert report.passed, report.table()
-
-    def per_step(key):
-        return (cost.get(key, 0) - snaps[2].get(key, 0)) / (len(snaps) - 2)
-
-    steps = trainer.step_records[2:]
     with open(a.out, "w") as f:
-        json.dump(dict(step=statistics.median(h["step_time"] for h in trainer.state.log_history
-                                              if "step_time" in h and h["step"] > 2),
-                       batch=per_step("ours") - per_step("trl"), sync=per_step("tap") + per_step("verify"),
-                       tokens=statistics.mean(r["n_tokens"] for r in steps), gate=statistics.median(gate),
-                       params=sum(p.numel() for p in trainer.model.parameters()),
+        json.dump(dict(step=statistics.median(step_times(trainer)), batch=own["batch"], sync=own["sync"],
+                       tokens=statistics.mean(r["n_tokens"] for r in trainer.step_records[2:]),
+                       gate=statistics.median(gate), params=sum(p.numel() for p in trainer.model.parameters()),
                        vocab=trainer.model.config.vocab_size), f)
 
 
@@ -91,15 +74,10 @@ def main() -> None:
             "| batch checks ms | sync verify ms | checks % of step | gate s (probe = batch) |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for model in a.models.split(","):
-        subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "models.py"), model], check=True,
-                       capture_output=True)
-        for size in a.sizes.split(","):
+        for size in a.sizes.split(","):  # the first child builds the model if it is not cached yet
             path = os.path.join(out_dir, f"{model}-{size}.json")
-            p = subprocess.run([sys.executable, __file__, "--child", "--model", model, "--size", size, "--steps",
-                                str(a.steps), "--out", path], capture_output=True, text=True)
-            if p.returncode:
-                sys.exit(f"{model} {size} failed:\n{p.stderr[-4000:]}")
-            r = json.load(open(path))
+            r = run_child([__file__, "--child", "--model", model, "--size", size, "--steps", str(a.steps), "--out",
+                           path], path, f"{model} {size}")
             checks = r["batch"] + r["sync"]
             rows.append(f"| {model} | {r['vocab']:,} | {r['params'] / 1e6:.2f}M | {size} | {r['tokens']:.0f} | "
                         f"{r['step']:.3f} | {1e3 * r['batch']:.2f} | {1e3 * r['sync']:.2f} | "

@@ -28,13 +28,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import DOCS, append, single_process_env  # noqa: E402
+from _common import (DOCS, append, instrument, own_work_per_step, run_child, single_process_env,  # noqa: E402
+                     step_times)
 
 # row -> (trainer bf16?, engine dtype forced on stock). fp32 and bf16 are what each side does by default;
 # fp32-same-engine forces stock's engine to fp32 too, so the two runs differ only by trl-correct's own work.
@@ -43,54 +43,13 @@ SHAPE = dict(per_device_train_batch_size=16, num_generations=4, max_completion_l
              learning_rate=1e-3, beta=0.0, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True)
 
 
-def _timed(owner, name: str, bucket: dict, key: str) -> None:
-    """Wrap owner.name so every call adds its wall time to bucket[key]."""
-    fn = getattr(owner, name)
-
-    def wrapper(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            bucket[key] = bucket.get(key, 0.0) + time.perf_counter() - t0
-
-    setattr(owner, name, wrapper)
-
-
-def _instrument(cost: dict, trl_cls, ours_cls, engine_mod) -> None:
-    """Accumulate our per-step work in `cost`: ours - trl = what CorrectGRPOTrainer adds around TRL's
-    generate-and-score; verify = the engine-side fingerprint; tap = the trainer-side fingerprint of the streamed
-    weights (every _fingerprint call outside verify)."""
-    _timed(trl_cls, "_generate_and_score_completions", cost, "trl")
-    _timed(ours_cls, "_generate_and_score_completions", cost, "ours")
-    inner, in_verify = engine_mod._fingerprint, []
-
-    def fingerprint(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            if not in_verify:
-                cost["tap"] = cost.get("tap", 0.0) + time.perf_counter() - t0
-
-    verify = engine_mod.Engine.verify
-
-    def flagged_verify(self, expected):
-        in_verify.append(True)
-        try:
-            return verify(self, expected)
-        finally:
-            in_verify.pop()
-
-    engine_mod._fingerprint, engine_mod.Engine.verify = fingerprint, flagged_verify
-    _timed(engine_mod.Engine, "verify", cost, "verify")
-
-
 def model_path(model: str | None) -> str:
     """A bench/models.py name (default: tiny) or a model directory."""
     from models import NAMES, model_dir
 
-    return str(model_dir(model or "tiny")) if model is None or model in NAMES else model
+    if model and model not in NAMES:
+        return model  # a directory
+    return str(model_dir(model or "tiny"))
 
 
 def cpu_sync_shim(gen) -> None:
@@ -109,18 +68,16 @@ def child(a) -> None:
     import torch
     from trl import GRPOConfig, GRPOTrainer
 
-    import trl_correct.engine as engine_mod
     from trl_correct import CorrectGRPOConfig, CorrectGRPOTrainer
     from trl_correct.tiny import keyword_reward, tiny_prompts
 
     ours = a.child == "ours"
     base = CorrectGRPOTrainer if ours else GRPOTrainer
-    batches, cost, snaps = [], {}, []
+    batches, cost = [], {}
+    snaps = instrument(cost) if ours else None
 
     class Recorder(base):
         def _generate_and_score_completions(self, inputs):
-            if self.model.training:
-                snaps.append(dict(cost))
             out = super()._generate_and_score_completions(inputs)
             if self.model.training:
                 mask = (out["completion_mask"] * out.get("tool_mask", 1)).bool()
@@ -131,8 +88,6 @@ def child(a) -> None:
                 batches.append(dict(r=r[mask].tolist(), changed=int(changed.sum())))
             return out
 
-    if ours:
-        _instrument(cost, GRPOTrainer, CorrectGRPOTrainer, engine_mod)
     bf16, stock_engine_dtype = ROWS[a.row]
     if not ours and stock_engine_dtype:  # stock with only the engine dtype forced
         import functools
@@ -153,23 +108,15 @@ def child(a) -> None:
     t0 = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t0
-    times = [h["step_time"] for h in trainer.state.log_history if "step_time" in h][2:]
     if ours:
         engine_dtype = trainer.engine.facts()["compute_dtype"]
     else:
         dtype = trainer.vllm_generation.llm.llm_engine.vllm_config.model_config.dtype
         engine_dtype = str(dtype).removeprefix("torch.")
-    checks = None
-    if ours:  # per step from step 2 on: the gate before step 0 is bench/check_cost.py's business
-
-        def ours_s(c):
-            return c.get("ours", 0) - c.get("trl", 0) + c.get("tap", 0) + c.get("verify", 0)
-
-        checks = (ours_s(cost) - ours_s(snaps[2])) / (len(snaps) - 2)
+    own = own_work_per_step(cost, snaps) if ours else None  # the gate before step 0: bench/check_cost.py's business
     with open(a.out, "w") as f:
-        per_step = {k: (v - snaps[2].get(k, 0)) / (len(snaps) - 2) for k, v in cost.items()} if ours else None
-        json.dump(dict(cost=per_step, batches=batches, step_times=times, engine_dtype=engine_dtype, checks_s=checks,
-                       train_s=train_s), f)
+        json.dump(dict(cost=own, batches=batches, step_times=step_times(trainer), engine_dtype=engine_dtype,
+                       checks_s=own["total"] if ours else None, train_s=train_s), f)
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -242,12 +189,9 @@ def main() -> None:
                 if os.path.exists(path):  # --resume: this run finished before
                     runs[variant].append(json.load(open(path)))
                     continue
-                cmd = [sys.executable, __file__, "--child", variant, "--row", row, "--seed", str(rep), "--steps",
-                       str(a.steps), "--out", path] + (["--model", a.model] if a.model else [])
-                p = subprocess.run(cmd, capture_output=True, text=True)
-                if p.returncode:
-                    sys.exit(f"{row}/{variant} run {rep} failed:\n{p.stderr[-4000:]}")
-                runs[variant].append(json.load(open(path)))
+                cmd = [__file__, "--child", variant, "--row", row, "--seed", str(rep), "--steps", str(a.steps),
+                       "--out", path] + (["--model", a.model] if a.model else [])
+                runs[variant].append(run_child(cmd, path, f"{row}/{variant} run {rep}"))
                 run = runs[variant][-1]
                 print(f"{row} {variant} #{rep}: median step {statistics.median(run['step_times']):.4f} s, "
                       f"train() {run['train_s']:.1f} s", flush=True)
