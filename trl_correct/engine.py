@@ -150,7 +150,9 @@ def _sent_fingerprint(name: str, t: torch.Tensor, layout: dict, head_source: str
     dtypes, packed = layout["dtypes"], layout["packed"]
     fp = _fingerprint([(name, t)], dtypes, packed)
     if name == head_source:
-        fp.update(_fingerprint([(HEAD_GROUP, t)], dtypes, packed))
+        g = group_of(name)
+        same = dtypes.get(HEAD_GROUP) == dtypes.get(g) and (HEAD_GROUP in packed) == (g in packed)
+        fp[HEAD_GROUP] = list(fp[g]) if same else _fingerprint([(HEAD_GROUP, t)], dtypes, packed)[HEAD_GROUP]
     return fp
 
 
