@@ -53,7 +53,7 @@ def child(a) -> None:
                    probe={k: g.mismatch.get(k) for k in ("mean_abs_logprob_diff", "max_abs_logprob_diff", "kl_k3")},
                    steps_max=max(r["max_abs_logprob_diff"] for r in trainer.step_records),
                    step=statistics.median(step_times(trainer)),
-                   batch_invariant=trainer.engine.facts()["batch_invariant"])
+                   batch_invariant=trainer.engine.facts().batch_invariant)
     with open(a.out, "w") as f:
         json.dump(out, f)
 

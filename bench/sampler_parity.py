@@ -41,11 +41,11 @@ def main():
                            a.probe_size, "--probe_tokens", a.probe_tokens, *flags])
         report = t.run_gate()
         remove_processed_head(t.accelerator.unwrap_model(t.model))
-        off = t.probe()
+        off = t.probe().stats
         off_causes = [] if mismatch_check(off, t.thresholds).passed else ["mismatch"]
         off_causes += ["sampler_support"] if off["n_outside_support"] else []
         rows.append((name, report, off, off_causes))
-        del t.engine.llm
+        t.engine.close()
     print("| setting | tokens | with transform: mean \\|Δ\\| | max \\|Δ\\| | k3 KL | gate | temperature only (stock TRL): "
           "mean \\|Δ\\| | max \\|Δ\\| | k3 KL | would fail on |")
     print("|---|---|---|---|---|---|---|---|---|---|")

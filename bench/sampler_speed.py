@@ -64,7 +64,7 @@ def main():
     for _ in range(a.repeats):
         for name, spec in VARIANTS.items():
             if spec is not None:
-                add_processed_head(model, spec, fp32_head=True)
+                add_processed_head(model, spec, fp32_lm_head=True)
             for grad in (False, True):
                 model.zero_grad(set_to_none=True)
                 t0 = time.perf_counter()

@@ -109,7 +109,7 @@ def child(a) -> None:
     trainer.train()
     train_s = time.perf_counter() - t0
     if ours:
-        engine_dtype = trainer.engine.facts()["compute_dtype"]
+        engine_dtype = trainer.engine.facts().compute_dtype
     else:
         dtype = trainer.vllm_generation.llm.llm_engine.vllm_config.model_config.dtype
         engine_dtype = str(dtype).removeprefix("torch.")

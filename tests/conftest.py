@@ -42,7 +42,7 @@ def make_trainer(tiny_dir, tmp_path):
 
     yield make
     for t in made:  # free the engine (and its KV cache) before the next test builds one
-        del t.engine.llm, t.engine, t.vllm_generation
+        t.engine.close()
     made.clear()
     gc.collect()
 

@@ -3,7 +3,6 @@
 import pytest
 
 from trl_correct import CorrectGRPOConfig
-from trl_correct.config import DEFAULT_THRESHOLDS
 
 
 def cfg(tmp_path, **kw):
@@ -22,6 +21,7 @@ def cfg(tmp_path, **kw):
     (dict(vllm_importance_sampling_clip_max=5.0), "vllm_importance_sampling_clip_max"),
     (dict(cast_lm_head_to_fp32=True, fp32_lm_head=False), "cast_lm_head_to_fp32"),
     (dict(max_kl_k3=0.0), "max_kl_k3"),
+    (dict(max_p99_abs_logprob_diff=-1.0), "max_p99_abs_logprob_diff"),
     (dict(probe_size=0), "probe_size"),
     (dict(vllm_dtype="fp8"), "vllm_dtype"),
     (dict(generation_kwargs={"top_k": 5}), "generation_kwargs"),
@@ -55,13 +55,10 @@ def test_raw_logprobs_allowed_at_t1(tmp_path):
     assert cfg(tmp_path, logprobs_mode="raw_logprobs", temperature=1.0).logprobs_mode == "raw_logprobs"
 
 
-def test_thresholds_follow_dtype_and_user_values_win(tmp_path):
-    c = cfg(tmp_path)
-    th, why = c.thresholds("float32")
-    assert th == DEFAULT_THRESHOLDS["float32"] and "float32" in why
-    assert c.thresholds("bfloat16")[0]["mean_abs_logprob_diff"] > th["mean_abs_logprob_diff"]
-    th, why = cfg(tmp_path, max_kl_k3=1e-3).thresholds("float32")
-    assert th["kl_k3"] == 1e-3 and "kl_k3" in why
+def test_user_thresholds_are_the_fields_set(tmp_path):
+    assert cfg(tmp_path).user_thresholds() == {} and cfg(tmp_path).calibrate
+    c = cfg(tmp_path, max_kl_k3=1e-3, max_p99_abs_logprob_diff=0.2)
+    assert c.user_thresholds() == {"kl_k3": 1e-3, "p99_abs_logprob_diff": 0.2}
 
 
 def test_cli_rejects_unknown_choice_naming_the_flag(tmp_path, capsys):
@@ -86,9 +83,6 @@ def test_sampler_spec_is_the_one_place(tmp_path):
     assert s.temperature == 0.7 and s.top_k == -1 and s.min_p == 0.0 and s.transforms == ["presence_penalty"]
 
 
-def test_bit_exact_means_every_threshold_is_zero(tmp_path):
-    th, why = cfg(tmp_path, bit_exact=True).thresholds("bfloat16", on_gpu=True)
-    assert th == dict(mean_abs_logprob_diff=0.0, max_abs_logprob_diff=0.0, kl_k3=0.0) and "bit_exact" in why
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the switch is valid on a GPU")

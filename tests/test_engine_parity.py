@@ -9,7 +9,6 @@ on after, and the weights applied in the loss are the ones the gate decided on.
 
 import json
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import torch
 
 from conftest import train_and_measure
 from trl_correct import CorrectGRPOTrainer, GateFailure
+from trl_correct.faults import inject
 from trl_correct.numerics import is_weights
 
 FP32_TOL = 1e-4  # CPU fp32 engine vs HF measured at ~5e-6 max; anything near 1e-4 would be a real divergence
@@ -37,15 +37,15 @@ def test_clean_gate_passes_at_fp32_floor(make_trainer):
                                                "correction_not_applied"]
     m = report.mismatch
     assert m["n_tokens"] >= 16 and m["max_abs_logprob_diff"] < FP32_TOL, m
-    assert trainer.engine.facts()["compute_dtype"] == "float32"  # vLLM's own "auto" would have picked bf16
+    assert trainer.engine.facts().compute_dtype == "float32"  # vLLM's own "auto" would have picked bf16
 
 
 def test_engine_tracks_trainer_after_real_updates(make_trainer):
     trainer = make_trainer(max_steps=3)
     moved, gaps = train_and_measure(trainer)
     assert len(gaps) == 3 and max(gaps) < FP32_TOL, gaps
-    assert trainer.engine.sync_count == 3 and trainer._last_sync_check.passed
-    behind = trainer.probe()  # the last update has not been synced yet: the probe must see it
+    assert trainer.engine.sync_count == 3 and trainer.last_sync_check.passed
+    behind = trainer.probe().stats  # the last update has not been synced yet: the probe must see it
     assert behind["max_abs_logprob_diff"] > 100 * FP32_TOL, behind
     report = trainer.run_gate()  # syncs, verifies and probes again
     assert report.passed and report.mismatch["max_abs_logprob_diff"] < FP32_TOL, report.table()
@@ -53,15 +53,10 @@ def test_engine_tracks_trainer_after_real_updates(make_trainer):
     assert moved > 100 * max(gaps + [probe["max_abs_logprob_diff"]]), (moved, gaps, probe)
 
 
-class RawLogprobs(CorrectGRPOTrainer):
-    def engine_settings(self):
-        s = super().engine_settings()
-        s.logprobs_mode = "raw_logprobs"  # what vLLM V1 does by default
-        return s
-
-
 def test_raw_logprobs_at_t_not_1_fail(make_trainer):
-    report = make_trainer(RawLogprobs, temperature=0.7).run_gate()
+    trainer = make_trainer(temperature=0.7)
+    inject(trainer, "raw_logprobs")  # what vLLM V1 does by default
+    report = trainer.run_gate()
     bad = failing(report)
     assert "logprobs_mode" in bad and "mismatch" in bad, report.table()
     assert report.mismatch["mean_abs_logprob_diff"] > 10 * FP32_TOL
@@ -74,39 +69,26 @@ def test_engine_dtype_differs_from_trainer_fails(make_trainer):
     assert report.mismatch["mean_abs_logprob_diff"] > FP32_TOL  # the bf16 engine really does differ
 
 
-class EngineOnlyTopK(CorrectGRPOTrainer):
-    def engine_settings(self):
-        s = super().engine_settings()
-        s.sampler = replace(s.sampler, top_k=5)  # a setting that reaches the engine only
-        return s
-
-
 def test_sampler_setting_on_engine_only_fails(make_trainer):
-    report = make_trainer(EngineOnlyTopK).run_gate()
+    trainer = make_trainer()
+    inject(trainer, "sampler_mismatch")  # top_k=5 reaches the engine only
+    report = trainer.run_gate()
     bad = failing(report)
     assert "sampler" in bad and "top_k" in bad["sampler"], report.table()
     assert "mismatch" in bad  # renormalised over 5 tokens vs the full vocabulary
 
 
 def test_gate_failure_under_enforce_stops_before_training(make_trainer):
-    trainer = make_trainer(EngineOnlyTopK)
+    trainer = make_trainer()
+    inject(trainer, "sampler_mismatch")
     with pytest.raises(GateFailure) as e:
         trainer.train()
     assert "sampler" in e.value.report.causes and trainer.state.global_step == 0 and not trainer.tis_enabled
 
 
-def _break_from_step_1(trainer, broken_load):
-    real = trainer.engine.load_weights
-
-    def load(pairs):
-        return broken_load(real, pairs) if trainer.state.global_step >= 1 else real(pairs)
-
-    trainer.engine.load_weights = load
-
-
 def test_weight_sync_that_loads_nothing_fails_at_that_step(make_trainer):
     trainer = make_trainer(max_steps=3)
-    _break_from_step_1(trainer, lambda real, pairs: [None for _ in pairs])  # streamed, never loaded
+    inject(trainer, "skip_weight_sync", at_step=1)  # streamed, never loaded
     with pytest.raises(GateFailure) as e:
         trainer.train()
     assert e.value.report.causes == ["weight_sync"] and trainer.state.global_step == 1
@@ -119,17 +101,16 @@ def test_weight_sync_that_loads_nothing_fails_at_that_step(make_trainer):
 
 def test_skipped_sync_call_fails_at_that_step(make_trainer):
     trainer = make_trainer(max_steps=3)
-    real = trainer.engine.sync_weights
-    trainer.engine.sync_weights = lambda: real() if trainer.state.global_step < 1 else None
+    inject(trainer, "sync_skipped", at_step=1)
     with pytest.raises(GateFailure) as e:
         trainer.train()
-    assert "weight_sync" in e.value.report.causes and trainer.state.global_step == 1
+    assert e.value.report.causes == ["weight_sync"] and trainer.state.global_step == 1
+    assert "returned without loading anything" in e.value.report.checks[0].detail
 
 
 def test_partial_weight_sync_names_the_stale_group(make_trainer):
     trainer = make_trainer(max_steps=3)
-    stale = "model.layers.1.mlp.down_proj.weight"
-    _break_from_step_1(trainer, lambda real, pairs: real((n, t) for n, t in pairs if n != stale))
+    inject(trainer, "partial_weight_sync", at_step=1)  # the last layer's mlp.down_proj stays stale
     with pytest.raises(GateFailure) as e:
         trainer.train()
     bad = failing(e.value.report)
@@ -139,8 +120,8 @@ def test_partial_weight_sync_names_the_stale_group(make_trainer):
 
 def test_stale_prefix_cache_after_sync_fails(make_trainer):
     trainer = make_trainer(max_steps=3, enable_prefix_caching=True)
-    assert min(map(len, trainer.probe_prompts())) > trainer.engine.facts()["block_size"]
-    trainer.engine.reset_prefix_cache = lambda: True  # claims success, drops nothing
+    assert min(map(len, trainer.probe_prompts())) > trainer.engine.facts().block_size
+    inject(trainer, "stale_prefix_cache")  # the reset claims success and drops nothing
     with pytest.raises(GateFailure) as e:
         trainer.train()
     bad = failing(e.value.report)
@@ -156,7 +137,7 @@ def test_prefix_cache_with_real_reset_passes(make_trainer):
 
 class RecordsLossInputs(CorrectGRPOTrainer):
     def _compute_loss(self, model, inputs):
-        if not self._in_training:  # the gate's loss audit runs this loss too, on its own test weights
+        if self.in_gate:  # the gate's loss audit runs this loss too, on its own test weights
             return super()._compute_loss(model, inputs)
         self.seen = getattr(self, "seen", []) + [(self.state.global_step, inputs["importance_sampling_ratio"],
                                                   inputs["old_per_token_logps"], inputs["sampling_per_token_logps"],
@@ -187,19 +168,9 @@ def test_failed_gate_under_warn_trains_without_correction(make_trainer):
         assert ((old - sampled)[mask.bool()].abs() > 1e-4).any()  # there was a gap to (wrongly) correct
 
 
-def _drift_from(trainer, step):
-    """From `step` on, the engine samples at another temperature than the trainer scores with."""
-    real = trainer.engine.sampling_params
-
-    def drifted(*a, **kw):
-        return real(*a, **{**kw, **({"temperature": 0.5} if trainer.state.global_step >= step else {})})
-
-    trainer.engine.sampling_params = drifted
-
-
 def test_mismatch_appearing_mid_run_switches_tis_off_and_stops(make_trainer):
     trainer = make_trainer(max_steps=3)
-    _drift_from(trainer, 1)
+    inject(trainer, "sampler_mismatch", at_step=1)  # from step 1 the engine samples with top_k=5
     with pytest.raises(GateFailure) as e:
         trainer.train()
     assert e.value.report.causes == ["mismatch"] and trainer.state.global_step == 1 and not trainer.tis_enabled
@@ -209,7 +180,7 @@ def test_mismatch_appearing_mid_run_switches_tis_off_and_stops(make_trainer):
 @pytest.mark.parametrize("policy", ["warn", "observe"])
 def test_mid_run_fault_under_warn_or_observe_trains_on_uncorrected(make_trainer, policy, recwarn):
     trainer = make_trainer(max_steps=4, gate=policy)
-    _drift_from(trainer, 2)
+    inject(trainer, "sampler_mismatch", at_step=2)
     trainer.train()
     assert trainer.state.global_step == 4
     assert [r["tis_enabled"] for r in trainer.step_records] == [True, True, False, False]
@@ -246,7 +217,7 @@ def test_model_generation_defaults_are_reported(make_trainer, tiny_dir, tmp_path
     trainer = make_trainer(model=str(model))
     check = next(c for c in trainer.run_gate().checks if c.name == "generation_config")
     assert check.passed and "top_k" in check.detail and "0.6" in check.detail, check
-    assert trainer.engine.facts()["top_k"] == 0  # the config's value rules on both sides
+    assert trainer.engine.facts().sampler.top_k == 0  # the config's value rules on both sides
 
 
 def test_tied_head_tracks_trainer_after_updates(make_trainer, tied_dir):
@@ -261,7 +232,7 @@ def test_tied_head_left_stale_is_a_weight_sync_failure(make_trainer, tied_dir):
     # vLLM's reload re-processes only the module a weight is loaded through; on CPU the tied head keeps a packed
     # copy of the old embedding unless trl-correct refreshes it (measured: mean |Δ| 0.022 after one update)
     trainer = make_trainer(model=tied_dir, max_steps=3)
-    trainer.engine.refresh_shared = lambda: None
+    inject(trainer, "tied_head_stale")
     with pytest.raises(GateFailure) as e:
         trainer.train()
     bad = failing(e.value.report)

@@ -10,9 +10,8 @@ from trl_correct import Check, CorrectGRPOTrainer, GateFailure
 class LengthCheck(CorrectGRPOTrainer):
     """The README's custom check: every probe completion must be at least `min_len` tokens long."""
 
-    def extra_checks(self):
-        _, completions, _, _ = self.last_probe_batch
-        short = sum(len(c) < self.min_len for c in completions)
+    def extra_checks(self, probe):
+        short = sum(len(c) < self.min_len for c in probe.completion_ids)
         return [Check("probe_length", not short, f"{short} probe completion(s) shorter than {self.min_len} tokens",
                       "raise max_completion_length")]
 
@@ -37,7 +36,7 @@ class SoftCap(CorrectGRPOTrainer):
         return w, torch.zeros_like(mask, dtype=torch.bool)
 
     def _compute_loss(self, model, inputs):
-        if self._in_training:
+        if not self.in_gate:  # training batches, not the gate's loss audit
             self.applied = getattr(self, "applied", []) + [(inputs["importance_sampling_ratio"],
                                                             inputs["old_per_token_logps"],
                                                             inputs["sampling_per_token_logps"], inputs["completion_mask"])]

@@ -2,7 +2,7 @@
 
 import math
 
-from trl_correct.engine import _fingerprint, group_of, stale_groups
+from trl_correct.fingerprint import fingerprint as _fingerprint, group_of, stale_groups
 
 
 def test_fused_layouts_share_a_group():

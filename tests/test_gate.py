@@ -1,25 +1,35 @@
 """The gate as a pure function of facts: every check is shown passing on clean facts and failing on a bad one."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
-from trl_correct.gate import (Check, GateFailure, GateReport, clip_check, loss_audit_check, mismatch_check,
-                              non_finite_check, reset_check, self_consistency_check, static_checks, temperature_check,
-                              token_identity_check, weight_sync_check)
+from trl_correct.facts import EngineFacts, TrainerFacts
+from trl_correct.gate import (STATIC_CHECKS, Check, GateFailure, GateReport, clip_check, loss_audit_check,
+                              mismatch_check, non_finite_check, reset_check, self_consistency_check, static_checks,
+                              temperature_check, token_identity_check, weight_sync_check)
+from trl_correct.sampler import SamplerSpec
 
-TRAINER = dict(compute_dtype="float32", head_dtype="float32", want_fp32_head=True, temperature=0.7)
-ENGINE = dict(compute_dtype="float32", head_dtype="float32", head_dtype_supported=True,
-              logprobs_mode="processed_logprobs", prefix_caching=False, reset_after_sync=True,
-              async_scheduling=False, temperature=0.7, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
-              presence_penalty=0.0, frequency_penalty=0.0, generation_config={})
-THRESH = dict(mean_abs_logprob_diff=1e-4, max_abs_logprob_diff=2e-3, kl_k3=1e-6)
+SAMPLER = SamplerSpec(temperature=0.7)
+TRAINER = TrainerFacts(compute_dtype="float32", head_dtype="float32", fp32_lm_head=True, sampler=SAMPLER)
+ENGINE = EngineFacts(compute_dtype="float32", head_dtype="float32", logprobs_mode="processed_logprobs", sampler=SAMPLER)
+THRESH = dict(mean_abs_logprob_diff=1e-4, p99_abs_logprob_diff=1e-3, max_abs_logprob_diff=2e-3, kl_k3=1e-6)
 CLEAN = dict(mean_abs_logprob_diff=1e-6, p99_abs_logprob_diff=3e-6, max_abs_logprob_diff=5e-6, kl_k3=1e-12,
              n_tokens=100, n_nonfinite=0)
+SAMPLER_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                "frequency_penalty")
+
+
+def facts(base, changes):
+    """`base` with `changes`; sampler fields go into its SamplerSpec."""
+    changes = dict(changes or {})
+    sampler = {k: changes.pop(k) for k in list(changes) if k in SAMPLER_KEYS}
+    return replace(base, **changes, **({"sampler": replace(base.sampler, **sampler)} if sampler else {}))
 
 
 def causes(trainer=None, engine=None):
-    checks = static_checks({**TRAINER, **(trainer or {})}, {**ENGINE, **(engine or {})})
+    checks = static_checks(facts(TRAINER, trainer), facts(ENGINE, engine))
     return [c.name for c in checks if not c.passed]
 
 
@@ -39,10 +49,33 @@ def test_clean_facts_pass_every_static_check():
     (dict(top_p=0.9), None, "sampler"),
     (dict(prefix_caching=True, reset_after_sync=False), None, "prefix_cache"),
     (dict(async_scheduling=True), None, "async_scheduling"),
-    (None, dict(dropout=["56 Dropout module(s) with p=0.05"]), "dropout"),
+    (None, dict(dropout=("56 Dropout module(s) with p=0.05",)), "dropout"),
+    (None, dict(sampler_unsupported="the model rescales its logits (logit_scale)"), "sampler"),
+    (dict(sampler=SamplerSpec(temperature=0.7, order=("unverified: vLLM 9.9",))), None, "sampler"),
+    (dict(unreproduced={"logit_bias": {5: 3.0}}), None, "sampler"),
+    (None, dict(sampler_defaults_applied={"top_k": 20}), "generation_config"),
+    (dict(head_dtype="bfloat16", compute_dtype="bfloat16"), dict(fp32_lm_head=False, head_dtype="bfloat16",
+                                                                 compute_dtype="bfloat16"), None),
 ])
 def test_each_static_fault_names_its_cause(engine, trainer, cause):
-    assert cause in causes(trainer, engine)
+    if cause is None:  # a consistent non-default setup: nothing fails
+        assert causes(trainer, engine) == []
+    else:
+        assert cause in causes(trainer, engine)
+
+
+def test_every_static_check_is_shown_failing():
+    failed = {c for case in STATIC_FAILURES for c in causes(*case)}
+    names = {f(TRAINER, ENGINE).name for f in STATIC_CHECKS if f(TRAINER, ENGINE) is not None}
+    assert names | {"bit_exact"} <= failed | {"bit_exact"} and "bit_exact" in failed, names - failed
+
+
+STATIC_FAILURES = [(None, dict(logprobs_mode="raw_logprobs")), (None, dict(compute_dtype="bfloat16")),
+                   (None, dict(head_dtype="bfloat16")), (None, dict(top_k=5)),
+                   (dict(sampler_defaults_applied={"top_k": 20}), None),
+                   (None, dict(prefix_caching=True, reset_after_sync=False)), (dict(dropout=("p=0.1",)), None),
+                   (dict(bit_exact=True), dict(batch_invariant_unsupported="no CUDA GPU")),
+                   (None, dict(async_scheduling=True))]
 
 
 def test_raw_logprobs_are_fine_at_t1_without_transforms():
@@ -58,9 +91,17 @@ def test_prefix_cache_on_with_reset_passes():
 
 
 def test_generation_config_defaults_are_reported_not_failed():
-    checks = static_checks(TRAINER, {**ENGINE, "generation_config": {"top_k": 20, "temperature": 0.6}})
+    checks = static_checks(TRAINER, replace(ENGINE, generation_config={"top_k": 20, "temperature": 0.6}))
     gc = next(c for c in checks if c.name == "generation_config")
     assert gc.passed and "top_k" in gc.detail
+
+
+def test_generation_config_default_applied_on_one_side_fails():
+    # sampler_defaults=model put the model's top_k 20 into the trainer's sampler; an engine built without it
+    trainer = replace(TRAINER, sampler_defaults_applied={"top_k": 20}, sampler=replace(SAMPLER, top_k=20))
+    checks = {c.name: c for c in static_checks(trainer, ENGINE)}
+    gc = checks["generation_config"]
+    assert not gc.passed and "engine uses {'top_k': 0}" in gc.detail and "engine_settings" in gc.fix
 
 
 def test_weight_sync_check():
@@ -69,11 +110,13 @@ def test_weight_sync_check():
     assert not c.passed and "model.layers.1.mlp" in c.detail and c.fix
 
 
-@pytest.mark.parametrize("key,value", [("mean_abs_logprob_diff", 1e-3), ("max_abs_logprob_diff", 0.1),
-                                       ("kl_k3", 1e-5), ("kl_k3", float("nan")), ("n_tokens", 0)])
+@pytest.mark.parametrize("key,value", [("mean_abs_logprob_diff", 1e-3), ("p99_abs_logprob_diff", 0.01),
+                                       ("max_abs_logprob_diff", 0.1), ("kl_k3", 1e-5), ("kl_k3", float("nan")),
+                                       ("n_tokens", 0)])
 def test_mismatch_check_fails_on_each_threshold(key, value):
     assert mismatch_check(CLEAN, THRESH).passed
-    assert not mismatch_check({**CLEAN, key: value}, THRESH).passed
+    c = mismatch_check({**CLEAN, key: value}, THRESH)
+    assert not c.passed and c.threshold == THRESH and set(c.measured) == set(THRESH)
 
 
 def test_report_is_data_and_failure_carries_it():
@@ -132,6 +175,7 @@ def test_token_identity_and_self_consistency_checks():
     assert token_identity_check(8, 0).passed
     c = token_identity_check(8, 2, "scored [1, 2], engine sampled [3]")
     assert not c.passed and c.name == "token_mismatch" and "2 of 8" in c.detail and "engine sampled" in c.detail
-    assert self_consistency_check({**CLEAN, "batch_size": 8}, 1e-3).passed
-    c = self_consistency_check({**CLEAN, "max_abs_logprob_diff": 0.3, "batch_size": 8}, 1e-3)
-    assert not c.passed and c.name == "trainer_consistency" and "8 vs 1" in c.detail
+    caps = dict(mean_abs_logprob_diff=5e-3, p99_abs_logprob_diff=2e-2, max_abs_logprob_diff=0.1)
+    assert self_consistency_check({**CLEAN, "batch_size": 8}, caps).passed
+    c = self_consistency_check({**CLEAN, "max_abs_logprob_diff": 0.3, "batch_size": 8}, caps)
+    assert not c.passed and c.name == "trainer_consistency" and "8 vs 1" in c.detail and "max 0.3 > 0.1" in c.detail

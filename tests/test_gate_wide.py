@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from trl_correct import CorrectGRPOTrainer, GateFailure
-from trl_correct.faults import FAULTS, run_with_faults
+from trl_correct.faults import inject, run_with_faults
 
 FP32_FLOOR = 1e-5  # trainer vs itself and vs the engine on CPU in fp32: measured ~4e-6 max
 
@@ -22,16 +22,9 @@ def causes(report):
     return report.causes
 
 
-class DropsRatio(CorrectGRPOTrainer):
-    """A custom loss that reads the weights and forgets them (TRL #5031, Liger #1082)."""
-
-    def compute_loss(self, model, inputs, *args, **kwargs):
-        inputs = dict(inputs, importance_sampling_ratio=torch.ones_like(inputs["importance_sampling_ratio"]))
-        return super().compute_loss(model, inputs, *args, **kwargs)
-
-
 def test_loss_that_drops_the_weights_fails_before_step_0(make_trainer):
-    trainer = make_trainer(DropsRatio)
+    trainer = make_trainer()
+    inject(trainer, "correction_not_applied")  # a loss that reads the weights and forgets them (TRL #5031)
     with pytest.raises(GateFailure) as e:
         trainer.train()
     assert e.value.report.causes == ["correction_not_applied"] and trainer.state.global_step == 0
@@ -42,11 +35,13 @@ def test_loss_that_drops_the_weights_fails_before_step_0(make_trainer):
 
 def test_clean_gate_measures_each_new_check(make_trainer):
     trainer = make_trainer(temperature=1.0)  # at T=1 the second probe runs at 0.7
-    report = trainer.run_gate()
+    run = trainer.full_gate()
+    report = run.report
     assert report.passed, report.table()
     by_name = {c.name: c.detail for c in report.checks}
     assert "T=0.7" in by_name["temperature"] and "linearly" in by_name["correction_not_applied"]
-    assert trainer.last_self_consistency["max_abs_logprob_diff"] < FP32_FLOOR, trainer.last_self_consistency
+    floor = run.floors["trainer_vs_itself"]
+    assert floor["max_abs_logprob_diff"] < FP32_FLOOR and report.calibration["floors"]["trainer_vs_itself"] == floor
     m = report.mismatch
     assert m["ratio_max"] < 1.001 and m["tokens_outside_0.8_1.25"] == 0.0 and m["clip_frac"] == 0.0
 
@@ -55,51 +50,35 @@ def test_clean_gate_measures_each_new_check(make_trainer):
 def test_temperature_applied_twice_or_never_is_named_even_at_t1(make_trainer, fault):
     # at T=1 the fault changes nothing the probe at the config's temperature can see: only the second one names it
     trainer = make_trainer(temperature=1.0)
-    report = run_with_faults(trainer, [fault], trainer.engine_settings())
+    report = run_with_faults(trainer, [fault], trainer.engine_settings()).report
     assert causes(report) == ["temperature"], report.table()
     assert report.mismatch["max_abs_logprob_diff"] < FP32_FLOOR  # the config-temperature probe is clean
 
 
 def test_trainer_that_attends_padding_is_named(make_trainer):
     trainer = make_trainer()
-    report = run_with_faults(trainer, ["padding_attended"], trainer.engine_settings())
-    assert "trainer_consistency" in causes(report), report.table()
-    assert trainer.last_self_consistency["max_abs_logprob_diff"] > 100 * FP32_FLOOR
+    run = run_with_faults(trainer, ["padding_attended"], trainer.engine_settings())
+    assert "trainer_consistency" in causes(run.report), run.report.table()
+    assert run.floors["trainer_vs_itself"]["max_abs_logprob_diff"] > 100 * FP32_FLOOR
 
 
 def test_refused_prefix_cache_reset_is_named(make_trainer):
     # a request in flight during the sync holds KV blocks: vLLM answers False, and the stale blocks are really reused
     trainer = make_trainer()
-    report = run_with_faults(trainer, ["prefix_cache_reset_refused"], trainer.engine_settings())
+    report = run_with_faults(trainer, ["prefix_cache_reset_refused"], trainer.engine_settings()).report
     assert "prefix_cache_reset" in causes(report) and trainer.engine.last_reset_ok is False, report.table()
 
 
-class Retokenizes(CorrectGRPOTrainer):
-    """Decodes the engine's completions and encodes the text again before scoring: the classic multi-turn bug."""
-
-    def _generate_single_turn(self, *args, **kwargs):
-        ids, lps = super()._generate_single_turn(*args, **kwargs)
-        tok = self.processing_class
-        new = [tok.encode(tok.decode(c, skip_special_tokens=True), add_special_tokens=False) or c[:1] for c in ids]
-        self.changed = sum(a != list(b) for a, b in zip(new, ids))
-        return new, [(lp + [lp[-1]] * len(n))[:len(n)] for lp, n in zip(lps, new)]
-
-
 def test_retokenized_completions_are_named_token_mismatch(make_trainer):
-    trainer = make_trainer(Retokenizes, probe_size=8)
+    # decode the engine's completions and encode the text again before scoring: the classic multi-turn bug
+    trainer = make_trainer(probe_size=8)
+    inject(trainer, "token_retokenized")
     report = trainer.run_gate()
-    assert trainer.changed > 0  # the fault really changed some ids on this seed
     assert causes(report) == ["token_mismatch"], report.table()
+    assert report.check("token_mismatch").measured > 0  # the fault really changed some ids on this seed
 
 
-class NanEngineLogprob(CorrectGRPOTrainer):
-    """The engine hands back one NaN logprob per batch (a token it could not score)."""
-
-    def _generate_single_turn(self, *args, **kwargs):
-        ids, lps = super()._generate_single_turn(*args, **kwargs)
-        lps[0][0] = float("nan")
-        return ids, lps
-
+class RecordsLosses(CorrectGRPOTrainer):
     def _compute_loss(self, model, inputs):
         loss = super()._compute_loss(model, inputs)
         self.losses = getattr(self, "losses", []) + [float(loss)]
@@ -107,7 +86,8 @@ class NanEngineLogprob(CorrectGRPOTrainer):
 
 
 def test_non_finite_logprob_is_named_and_kept_out_of_loss_and_metrics(make_trainer):
-    trainer = make_trainer(NanEngineLogprob, gate="warn")
+    trainer = make_trainer(RecordsLosses, gate="warn")
+    inject(trainer, "non_finite_logprobs", at_step=0)  # after the gate: the engine returns one NaN logprob per batch
     with pytest.warns(UserWarning, match="non_finite_logprobs"):
         trainer.train()
     assert trainer.gate_report.passed  # the probe was clean: the fault lives in the batch path
@@ -117,19 +97,13 @@ def test_non_finite_logprob_is_named_and_kept_out_of_loss_and_metrics(make_train
         assert r["n_nonfinite"] == 1 and all(math.isfinite(r[k]) for k in ("mean_abs_logprob_diff", "kl_k3", "ess"))
 
 
-class ConstantBias(CorrectGRPOTrainer):
-    """The engine's logprobs sit 0.1 nats below the trainer's on every token (e.g. TRL #6789's log S of top-p mass)."""
-
-    def _generate_single_turn(self, *args, **kwargs):
-        ids, lps = super()._generate_single_turn(*args, **kwargs)
-        return ids, [[x - 0.1 for x in s] for s in lps]
-
-
 def test_masked_majority_behind_a_healthy_mean_is_named(make_trainer):
+    # the engine's logprobs 0.1 nats below the trainer's on every token (e.g. TRL #6789's log S of top-p mass);
     # thresholds loose enough that mean |Δ| = 0.1 passes; sequence_mask at cap 2 then masks every sequence of >= 7
     # tokens: exactly what statistics of the capped weights hide (TRL #5231)
-    trainer = make_trainer(ConstantBias, tis_mode="sequence_mask", max_mean_abs_logprob_diff=0.2,
+    trainer = make_trainer(tis_mode="sequence_mask", max_mean_abs_logprob_diff=0.2, max_p99_abs_logprob_diff=0.5,
                            max_max_abs_logprob_diff=0.5, max_kl_k3=0.05, max_steps=1)
+    inject(trainer, "engine_logprob_bias")
     with pytest.raises(GateFailure) as e:
         trainer.train()
     assert e.value.report.causes == ["ratio_clipped"], e.value.report.table()
@@ -154,7 +128,6 @@ def test_sleep_mode_is_refused_by_the_cpu_engine(tiny_dir):
 
     with pytest.raises(Exception, match="[Ss]leep mode is not supported"):
         Engine(EngineSettings(model=tiny_dir, dtype="float32", enable_sleep_mode=True))
-    assert FAULTS["wake_without_reload"].cause == "weight_sync"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU answer; on a GPU bench/bit_exact.py measures it")

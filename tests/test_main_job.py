@@ -37,7 +37,7 @@ def test_console_script_flags_local_model_and_local_prompts(tmp_path, tiny_dir):
                "--max_steps", "2", "--temperature", "0.8", "--model_name_or_path", tiny_dir,
                "--dataset_name", str(prompts)], out)
     assert rep["gate"]["verdict"] == "pass" and len(rep["steps"]) == 2
-    assert rep["engine"]["temperature"] == 0.8  # the flag won over the recipe's 0.9
+    assert rep["engine"]["sampler"]["temperature"] == 0.8  # the flag won over the recipe's 0.9
 
 
 def test_two_ranks_each_with_an_engine(tmp_path):

@@ -6,12 +6,21 @@ import pytest
 import torch
 
 from trl_correct.audit import token_identity
-from trl_correct.numerics import (is_weights, mismatch_stats, nonfinite_tokens, per_token, ratio_stats, sequence_gaps,
-                                  step_metrics, summarize_gaps, valid_gaps, weight_stats)
+from trl_correct.numerics import (QUANTILE_MAX_ELEMENTS, is_weights, measure, nonfinite_tokens, per_token, quantiles,
+                                  ratio_stats, sequence_gaps, summarize_gaps, valid_gaps, weight_stats)
+from trl_correct.sampler import OUTSIDE_LOGPROB
 
 
 def t(x):
     return torch.tensor(x, dtype=torch.float32)
+
+
+def mismatch_stats(trainer, engine, mask):
+    return summarize_gaps(*valid_gaps(trainer, engine, mask))
+
+
+def token_truncate(trainer, engine, mask):
+    return is_weights(trainer, engine, mask, "token_truncate", 2.0)
 
 
 def test_mismatch_stats_hand_computed():
@@ -92,11 +101,36 @@ def test_per_token_expands_sequence_weights():
     assert per_token(w, mask).tolist() == [2.0, 2.0, 0.5]
 
 
-def test_step_metrics_zero_gap_is_clean():
+def test_measure_zero_gap_is_clean():
     lp = t([[-1.0, -2.0]])
-    m, w = step_metrics(lp, lp.clone(), torch.ones(1, 2), "token_truncate", 2.0)
-    assert m["max_abs_logprob_diff"] == 0.0 and m["kl_k3"] == 0.0 and m["clip_frac"] == 0.0 and m["ess"] == 1.0
-    assert torch.equal(w, torch.ones(1, 2))
+    m = measure(lp, lp.clone(), torch.ones(1, 2), token_truncate)
+    s = m.stats
+    assert s["max_abs_logprob_diff"] == 0.0 and s["kl_k3"] == 0.0 and s["clip_frac"] == 0.0 and s["ess"] == 1.0
+    assert torch.equal(m.weights, torch.ones(1, 2)) and m.keep.all()
+
+
+def test_measure_drops_outside_and_non_finite_tokens_and_counts_them():
+    trainer = t([[-1.0, OUTSIDE_LOGPROB, -1.0, float("nan")]])
+    engine = t([[-1.5, -1.0, float("inf"), -1.0]])
+    m = measure(trainer, engine, torch.tensor([[1, 1, 1, 1]]), token_truncate)
+    assert m.keep.tolist() == [[True, False, False, False]]
+    assert m.stats["n_outside_support"] == 1 and m.stats["n_nonfinite"] == 2 and m.stats["n_tokens"] == 1
+    assert m.stats["mean_abs_logprob_diff"] == pytest.approx(0.5)
+    assert torch.isfinite(m.trainer_logprobs).all() and torch.isfinite(m.engine_logprobs).all()
+    assert m.weights[0, 0] == pytest.approx(math.exp(0.5))
+
+
+def test_measure_gathers_over_ranks():
+    # a "gather" that stands for two ranks holding the same batch: every count and statistic covers both
+    lp, mask = t([[-1.0, -2.0]]), torch.ones(1, 2)
+    m = measure(lp, lp - 0.1, mask, token_truncate, gather=lambda x: torch.cat([x, x]))
+    assert m.stats["n_tokens"] == 4 and m.gaps.numel() == 2  # gaps: this rank's own tokens
+
+
+def test_quantiles_beyond_torch_limit_use_nearest_rank():
+    x = torch.arange(QUANTILE_MAX_ELEMENTS + 10, dtype=torch.float32)
+    (q,) = quantiles(x, (0.5,))
+    assert abs(q - x.numel() / 2) <= 1
 
 
 def test_ratio_stats_before_truncation_show_a_masked_majority():

@@ -137,12 +137,12 @@ def test_unverified_vllm_release_is_not_guessed():
     from types import SimpleNamespace
 
     from trl_correct.engine import sampler_order
-    from trl_correct.head import reproducible
+    from trl_correct.head import why_unreproducible
 
     assert sampler_order("0.31.0") == sampler_order("0.26.0") == SPECS["combined"].order
     model = SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: SimpleNamespace()))
     future = SamplerSpec(top_k=5, order=sampler_order("0.40.0"))
-    assert "not the one sampler.py implements" in reproducible(model, future)
-    assert reproducible(model, SamplerSpec(temperature=0.7, order=sampler_order("0.40.0"))) is None  # T only: TRL's
+    assert "not the one sampler.py implements" in why_unreproducible(model, future)
+    assert why_unreproducible(model, SamplerSpec(temperature=0.7, order=sampler_order("0.40.0"))) is None  # T only: TRL's
     capped = SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: SimpleNamespace(final_logit_softcapping=30.0)))
-    assert "final_logit_softcapping" in reproducible(capped, SPECS["top_k"])
+    assert "final_logit_softcapping" in why_unreproducible(capped, SPECS["top_k"])

@@ -8,12 +8,12 @@ temperature-only head must fail clearly, so a regression in the transform cannot
 
 import json
 import shutil
-from dataclasses import replace
 
 import pytest
 import torch
 
 from trl_correct import CorrectGRPOTrainer
+from trl_correct.faults import inject
 from trl_correct.gate import mismatch_check
 from trl_correct.head import remove_processed_head
 
@@ -42,7 +42,7 @@ def test_trainer_scores_under_the_engine_transform(make_trainer, name):
     m = report.mismatch
     assert m["n_tokens"] >= 24 and m["max_abs_logprob_diff"] <= FP32_TOL, m
     remove_processed_head(trainer.accelerator.unwrap_model(trainer.model))  # TRL's temperature-only scoring
-    off = trainer.probe()
+    off = trainer.probe().stats
     assert not mismatch_check(off, trainer.thresholds).passed or off["n_outside_support"], off
     assert off["mean_abs_logprob_diff"] > 10 * FP32_TOL, off
 
@@ -55,22 +55,17 @@ def test_training_steps_keep_parity_with_every_transform(make_trainer):
     assert trainer.engine.sync_count == 3
 
 
-class EngineSamplesFullVocab(CorrectGRPOTrainer):
-    def engine_settings(self):
-        s = super().engine_settings()
-        s.sampler = replace(s.sampler, top_k=0)  # the trainer keeps top_k=3, the engine drops it
-        return s
-
-
 def test_token_outside_trainer_kept_set_is_a_named_failure(make_trainer):
-    report = make_trainer(EngineSamplesFullVocab, top_k=3).run_gate()
+    trainer = make_trainer(top_k=3)
+    inject(trainer, "sampler_filter_dropped")  # the trainer keeps top_k=3, the engine drops it
+    report = trainer.run_gate()
     bad = failing(report)
     assert "sampler_support" in bad and "sampler" in bad and "top_k" in bad["sampler"], report.table()
 
 
-class RecordsLossMask(EngineSamplesFullVocab):
+class RecordsLossMask(CorrectGRPOTrainer):
     def _compute_loss(self, model, inputs):
-        if self._in_training:  # not the gate's loss audit, which runs this loss on its own test batch
+        if not self.in_gate:  # not the gate's loss audit, which runs this loss on its own test batch
             self.seen = getattr(self, "seen", []) + [(inputs["completion_mask"].clone(),
                                                       inputs["old_per_token_logps"])]
         return super()._compute_loss(model, inputs)
@@ -78,6 +73,7 @@ class RecordsLossMask(EngineSamplesFullVocab):
 
 def test_token_outside_kept_set_is_dropped_from_the_loss_not_clipped(make_trainer):
     trainer = make_trainer(RecordsLossMask, top_k=3, gate="observe", max_steps=1)
+    inject(trainer, "sampler_filter_dropped")
     trainer.train()
     assert trainer.failures[0]["causes"][:1] == ["sampler"] and any(
         f["causes"] == ["sampler_support"] for f in trainer.failures[1:]), trainer.failures
@@ -102,8 +98,8 @@ def test_model_generation_config_defaults_reach_both_sides(make_trainer, tiny_di
                                                                "repetition_penalty": 1.1, "temperature": 0.6}))
     trainer = make_trainer(model=str(model), sampler_defaults="model")  # small_config sets temperature=0.9
     assert trainer.sampler.top_k == 20 and trainer.sampler.top_p == 0.8 and trainer.sampler.temperature == 0.9
-    facts = trainer.engine.facts()
-    assert (facts["top_k"], facts["top_p"], facts["repetition_penalty"]) == (20, 0.8, 1.1)
+    engine = trainer.engine.facts().sampler
+    assert (engine.top_k, engine.top_p, engine.repetition_penalty) == (20, 0.8, 1.1)
     report = trainer.run_gate()
     check = next(c for c in report.checks if c.name == "generation_config")
     assert report.passed and "in effect on both sides" in check.detail and "0.6" in check.detail, report.table()

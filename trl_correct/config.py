@@ -5,6 +5,7 @@ cast_lm_head_to_fp32) are derived from ours; setting them to something that cont
 silent override. Every error names the field and the fix.
 """
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -12,7 +13,7 @@ from typing import Literal
 from trl import GRPOConfig
 
 from .numerics import TIS_MODES
-from .sampler import SamplerSpec
+from .sampler import SAMPLER_FIELDS, SamplerSpec, is_off
 
 
 def _has_gpu() -> bool:
@@ -22,27 +23,13 @@ def _has_gpu() -> bool:
 
 
 GATE_POLICIES = ("enforce", "warn", "observe")
+# config field of each gate statistic's threshold
+THRESHOLD_FIELDS = {"mean_abs_logprob_diff": "max_mean_abs_logprob_diff",
+                    "p99_abs_logprob_diff": "max_p99_abs_logprob_diff", "kl_k3": "max_kl_k3",
+                    "max_abs_logprob_diff": "max_max_abs_logprob_diff"}
 LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
-# Mismatch thresholds by the trainer's compute dtype. fp32: CPU engine vs HF measured at ~1e-6 max |Δlogp| with a
-# 1,024-token vocab, but vLLM CPU's fp32 path at Qwen's 151,936 differs from a float64 reference by 5.8e-5 mean /
-# 3.1e-4 max (HF fp32: 6e-7) and a training batch reached 1.17e-4 mean (a false alarm at the old 1e-4); a bf16 engine
-# against an fp32 trainer measured 1.1e-3-4.9e-3 mean (must fail, and is named by the dtype check anyway).
-# bf16: H100 small Qwen2 measured 0.008-0.011 mean, KL 8e-5-2e-4, max 0.18; raw logprobs at T=0.7 gave 0.28 mean and
-# KL 0.086 (must fail).
-DEFAULT_THRESHOLDS = {
-    "float32": dict(mean_abs_logprob_diff=5e-4, max_abs_logprob_diff=2e-3, kl_k3=1e-6),
-    "bfloat16": dict(mean_abs_logprob_diff=0.05, max_abs_logprob_diff=1.5, kl_k3=2e-3),
-    "float16": dict(mean_abs_logprob_diff=0.02, max_abs_logprob_diff=1.0, kl_k3=1e-3),
-}
-# fp32 on a GPU: with every static check passing, H100 + vLLM 0.26 measured probe mean 6.1e-4, max 5.8e-3, k3 4.6e-7
-# (vLLM's fp32 GPU kernels are not HF's); a bf16 engine against that fp32 trainer measured mean 5.6e-3, k3 3.0e-5.
-GPU_FP32_THRESHOLDS = dict(mean_abs_logprob_diff=2e-3, max_abs_logprob_diff=3e-2, kl_k3=1e-5)
 _TRL_DEFAULTS = dict(vllm_importance_sampling_mode="sequence_mask", vllm_importance_sampling_clip_max=3.0)
-SAMPLER_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                  "frequency_penalty")
-# Field values that mean "not set": sampler_defaults=model fills these from the model's generation_config.
-UNSET_SAMPLER = dict(temperature=1.0, top_k=(0, -1, None), top_p=1.0, min_p=(0.0, None), repetition_penalty=1.0,
-                     presence_penalty=0.0, frequency_penalty=0.0)
+logger = logging.getLogger("trl_correct")
 
 
 @dataclass
@@ -70,15 +57,19 @@ class CorrectGRPOConfig(GRPOConfig):
     vllm_dtype: str = field(default="auto", metadata={
         "help": "Engine dtype. auto: the trainer's compute dtype (vLLM's own 'auto' would downcast fp32 "
                 "checkpoints to bf16). Any other value that differs from the trainer fails the gate (cause dtype)."})
+    calibrate: bool = field(default=True, metadata={
+        "help": "Derive the mismatch thresholds from noise floors measured on the trainer before step 0 (and at every "
+                "probe_interval gate): 4x the floor (k3: 16x), within per-dtype minimums and caps (calibrate.py). "
+                "false: fixed per-dtype values. Thresholds set below win either way."})
     max_mean_abs_logprob_diff: float | None = field(default=None, metadata={
-        "help": "Gate threshold on mean |trainer - engine logprob|. None: by compute dtype (fp32 5e-4, 2e-3 on GPU; "
-                "bf16 0.05)."})
-    max_max_abs_logprob_diff: float | None = field(default=None, metadata={
-        "help": "Gate threshold on max |trainer - engine logprob|. None: by compute dtype (fp32 2e-3, 3e-2 on GPU; "
-                "bf16 1.5)."})
+        "help": "Gate threshold on mean |trainer - engine logprob| (probe and every batch). None: calibrated."})
+    max_p99_abs_logprob_diff: float | None = field(default=None, metadata={
+        "help": "Gate threshold on the 99th percentile of |trainer - engine logprob|. None: calibrated."})
     max_kl_k3: float | None = field(default=None, metadata={
-        "help": "Gate threshold on the k3 estimate of KL(engine || trainer). None: by compute dtype "
-                "(fp32 1e-6, 1e-5 on GPU; bf16 2e-3)."})
+        "help": "Gate threshold on the k3 estimate of KL(engine || trainer). None: calibrated."})
+    max_max_abs_logprob_diff: float | None = field(default=None, metadata={
+        "help": "Catastrophic cap on the largest single-token |trainer - engine logprob| (it grows with the tokens "
+                "scored, so it is never calibrated). None: the dtype's cap (fp32 0.1, bf16 5)."})
     max_clip_frac: float = field(default=0.2, metadata={
         "help": "Gate threshold on the share of tokens whose importance weight is truncated or masked (cause "
                 "ratio_clipped): above it the correction reweights much of the batch, whatever the mean gap says."})
@@ -164,7 +155,7 @@ class CorrectGRPOConfig(GRPOConfig):
                                           "generations); set it false on a CPU")
         if self.vllm_dtype not in ("auto", "float32", "bfloat16", "float16"):
             bad("vllm_dtype", "use auto, float32, bfloat16 or float16")
-        for name in ("max_mean_abs_logprob_diff", "max_max_abs_logprob_diff", "max_kl_k3"):
+        for name in THRESHOLD_FIELDS.values():
             v = getattr(self, name)
             if v is not None and not v > 0:
                 bad(name, "a threshold must be > 0, or null for the dtype default")
@@ -186,6 +177,8 @@ class CorrectGRPOConfig(GRPOConfig):
                              "accelerate_configs/cpu_2proc.yaml (or cpu.yaml) here")
         if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_gpu():
             # several ranks and no GPU: without use_cpu accelerate would run each rank as a lone process
+            logger.warning("trl-correct: use_cpu set to true: %s ranks and no GPU (without it accelerate would run "
+                           "each rank as a lone process)", os.environ["WORLD_SIZE"])
             self.use_cpu = True
         super().__post_init__()
 
@@ -196,31 +189,17 @@ class CorrectGRPOConfig(GRPOConfig):
             return {}
         applied = {}
         for k, v in model_defaults.items():
-            unset = UNSET_SAMPLER[k] if isinstance(UNSET_SAMPLER[k], tuple) else (UNSET_SAMPLER[k],)
-            if v is not None and getattr(self, k) in unset and v not in unset:
+            if v is not None and is_off(k, getattr(self, k)) and not is_off(k, v):
                 setattr(self, k, v)
                 applied[k] = v
         return applied
 
     def sampler_spec(self, order: tuple | None = None) -> SamplerSpec:
         """The one sampler both sides use (engine: SamplingParams; trainer: the processed head)."""
-        kw = dict(temperature=self.temperature, top_k=self.top_k or 0, top_p=self.top_p, min_p=self.min_p or 0.0,
-                  repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
-                  frequency_penalty=self.frequency_penalty)
+        kw = {k: getattr(self, k) for k in SAMPLER_FIELDS}
+        kw.update(top_k=self.top_k or 0, min_p=self.min_p or 0.0)
         return SamplerSpec(**kw, **({"order": tuple(order)} if order else {}))
 
-    def thresholds(self, compute_dtype: str, on_gpu: bool = False) -> tuple[dict, str]:
-        """Gate thresholds and where they came from (value with reason)."""
-        if self.bit_exact:
-            return dict(mean_abs_logprob_diff=0.0, max_abs_logprob_diff=0.0, kl_k3=0.0), "bit_exact: equal or fail"
-        gpu_fp32 = on_gpu and compute_dtype == "float32"
-        base = dict(GPU_FP32_THRESHOLDS if gpu_fp32 else DEFAULT_THRESHOLDS.get(compute_dtype,
-                                                                                DEFAULT_THRESHOLDS["bfloat16"]))
-        user = {"mean_abs_logprob_diff": self.max_mean_abs_logprob_diff,
-                "max_abs_logprob_diff": self.max_max_abs_logprob_diff, "kl_k3": self.max_kl_k3}
-        set_by_user = {k: v for k, v in user.items() if v is not None}
-        base.update(set_by_user)
-        reason = f"defaults for {compute_dtype}{' on GPU' if gpu_fp32 else ''}"
-        if set_by_user:
-            reason += f", user set {sorted(set_by_user)}"
-        return base, reason
+    def user_thresholds(self) -> dict:
+        """{statistic: value} of the thresholds set in this config (they win over calibration)."""
+        return {stat: getattr(self, name) for stat, name in THRESHOLD_FIELDS.items() if getattr(self, name) is not None}

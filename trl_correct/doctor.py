@@ -2,12 +2,19 @@
 on this machine that the gate catches every known fault.
 
     trl-correct doctor --config RECIPE [--json OUT] [--plot OUT.png] [--inject FAULT ...] [--selftest] [recipe flags]
+    trl-correct doctor --config RECIPE --calibrate [--yaml OUT.yaml] [recipe flags]
 
 Builds the recipe's trainer and engine (no training), runs the gate clean, then once per ablated setting (each known
 fault of faults.py, plus async scheduling on), and prints one table. With --inject the report is the gate with those
 faults present. With --selftest every fault must be detected with its own cause. Exit code: 0 when the reported gate
 passes (--inject: when it fails with every injected fault's cause named; --selftest: clean passes and every
 applicable fault is detected with the right cause), 1 otherwise.
+
+--calibrate (doctor_calibrate.py): measures the noise floors on this model and machine (the trainer against itself and,
+in bf16/fp16, against fp32 — what the gate calibrates from — plus the engine against itself across batch
+compositions), prints the thresholds derived from them, injects every fault that moves the probe and prints its
+margin over those thresholds next to its margin over the fixed per-dtype values, and writes a recipe snippet (YAML)
+that pins the thresholds. Exit code 0 when the clean gate passes and every applicable fault is named.
 """
 
 import argparse
@@ -20,7 +27,8 @@ from .numerics import MISMATCH_KEYS
 MISMATCH_OUT = [k for k in MISMATCH_KEYS if k != "n_nonfinite"]
 
 
-def _row(setting: str, report, gaps, note: str = "") -> dict:
+def _row(setting: str, run, note: str = "") -> dict:
+    report, gaps = run.report, run.probe.gaps if run.probe is not None else None
     m = report.mismatch
     row = {"setting": setting, **{k: m.get(k) for k in MISMATCH_OUT},
            "verdict": "pass" if report.passed else "fail", "causes": report.causes}
@@ -36,11 +44,11 @@ def _blank_row(setting: str, verdict: str, note: str) -> dict:
             "_gaps": None}
 
 
-def _floor_row(report, trainer) -> dict:
+def _floor_row(run) -> dict:
     """The trainer against itself (its probe batch scored whole vs one sequence at a time): the floor under every
     engine comparison above."""
-    sc = trainer.last_self_consistency
-    check = next(c for c in report.checks if c.name == "trainer_consistency")
+    sc = run.floors["trainer_vs_itself"]
+    check = run.report.check("trainer_consistency")
     return {"setting": "trainer vs itself (batch vs 1)", **{k: sc.get(k) for k in MISMATCH_OUT},
             "verdict": "pass" if check.passed else "fail", "causes": [] if check.passed else [check.name],
             "note": "the trainer's own noise floor: micro-batch size and padding must not move its logprobs",
@@ -61,27 +69,25 @@ def ablate(trainer, names, base, progress, recipe_argv):
             s.async_scheduling = True
             try:
                 trainer.replace_engine(s)
-                report = trainer.run_gate()
-                ran = trainer.engine.facts()["async_scheduling"]
-                rows.append(_row("async scheduling on", report, trainer.last_probe_gaps,
+                run = trainer.full_gate()
+                ran = trainer.engine.facts().async_scheduling
+                rows.append(_row("async scheduling on", run,
                                  "" if ran else "requested, but this engine runs without it (vLLM turned it off)"))
             except Exception as e:  # an engine that refuses the setting is a finding, not a crash
                 rows.append(_blank_row("async scheduling on", "unavailable", f"{type(e).__name__}: {e}"[:200]))
         elif FAULTS[name].trainer_flags:  # the fault lives in how the trainer is built: build a second one
-            fault, why_not = FAULTS[name], FAULTS[name].applicable(trainer)
+            fault, why_not = FAULTS[name], FAULTS[name].not_applicable(trainer)
             if why_not:
                 rows.append(_blank_row(name, "n/a", why_not))
             else:
                 other = build_trainer([*recipe_argv, *fault.trainer_flags])
-                report = run_with_faults(other, [name], other.engine.settings)
-                rows.append(_row(name, report, other.last_probe_gaps, fault.about))
-                del other.engine.llm
-        elif FAULTS[name].applicable(trainer) and not FAULTS[name].run_when_na:
-            rows.append(_blank_row(name, "n/a", FAULTS[name].applicable(trainer)))
+                rows.append(_row(name, run_with_faults(other, [name], other.engine.settings), fault.about))
+                other.engine.close()
+        elif FAULTS[name].not_applicable(trainer) and not FAULTS[name].run_when_na:
+            rows.append(_blank_row(name, "n/a", FAULTS[name].not_applicable(trainer)))
         else:
-            why_not = FAULTS[name].applicable(trainer)
-            report = run_with_faults(trainer, [name], base)
-            rows.append(_row(name, report, trainer.last_probe_gaps, why_not or FAULTS[name].about))
+            why_not = FAULTS[name].not_applicable(trainer)
+            rows.append(_row(name, run_with_faults(trainer, [name], base), why_not or FAULTS[name].about))
         progress.update(1)
     return rows
 
@@ -142,7 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--inject", action="append", default=[], choices=sorted(FAULTS), metavar="FAULT",
                     help=f"run the gate with this fault present (repeatable): {', '.join(sorted(FAULTS))}")
     ap.add_argument("--selftest", action="store_true", help="clean run plus every fault; fails unless all are caught")
+    ap.add_argument("--calibrate", action="store_true", help="measure the floors, derive the thresholds, show each "
+                                                             "fault's margin over them, write a recipe snippet")
+    ap.add_argument("--yaml", default="calibration.yaml", help="with --calibrate: where the recipe snippet goes")
     a, recipe_flags = ap.parse_known_args(argv)
+    if a.calibrate:
+        from .doctor_calibrate import main as calibrate_main
+
+        return calibrate_main(a, recipe_flags)
     if any(FAULTS[n].trainer_flags for n in a.inject):
         ap.error("--inject: bf16_head_trainer_side changes how the trainer is built; run it with --selftest, or "
                  "pass --fp32_lm_head false yourself")
@@ -158,15 +171,17 @@ def main(argv: list[str] | None = None) -> int:
     base = copy.deepcopy(trainer.engine.settings)
     settings = list(FAULTS) + ["async_scheduling"] if (a.selftest or not a.inject) else []
     with tqdm(total=1 + len(settings) + bool(a.inject), desc="probing default", file=sys.stderr) as progress:
-        clean = trainer.run_gate()
-        rows = [_row("default (trl-correct)", clean, trainer.last_probe_gaps), _floor_row(clean, trainer)]
+        clean_run = trainer.full_gate()
+        clean = clean_run.report
+        rows = [_row("default (trl-correct)", clean_run), _floor_row(clean_run)]
         progress.update(1)
         rows += ablate(trainer, settings, base, progress, recipe_argv)
         report = clean
         if a.inject:
             progress.set_description(f"probing with {'+'.join(a.inject)}")
-            report = run_with_faults(trainer, a.inject, base)
-            rows.append(_row("injected: " + "+".join(a.inject), report, trainer.last_probe_gaps))
+            injected = run_with_faults(trainer, a.inject, base)
+            report = injected.report
+            rows.append(_row("injected: " + "+".join(a.inject), injected))
             progress.update(1)
 
     out = {"verdict": "pass" if report.passed else "fail", "checks": report.to_dict()["checks"],
@@ -181,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         out["selftest"] = []
         for name, fault in FAULTS.items():
             r = by_name[name]
-            na = fault.applicable(trainer)
+            na = fault.not_applicable(trainer)
             detected = None if na else fault.cause in r["causes"]
             out["selftest"].append({"fault": name, "detected": detected, "causes": r["causes"],
                                     "expected": fault.cause, **({"note": na} if na else {})})

@@ -1,5 +1,6 @@
 """The one place that touches vLLM: build the colocated V1 engine with parity settings, generate, load weights, reset
-the prefix cache, fingerprint the engine's weights, and report the engine's facts for the gate.
+the prefix cache, read the engine's weights back for fingerprint.py, and report the engine's facts (facts.py) for the
+gate.
 
 Does not know about TRL's trainer or the gate's thresholds. The trainer hands it a function that yields the policy's
 (name, tensor) pairs in checkpoint format; `sync_weights()` streams them through vLLM's `reload_weights` (which re-runs
@@ -11,11 +12,11 @@ and transposed layouts).
 `generate()` has the signature of TRL's `VLLMGeneration.generate`, so TRL's GRPO loop drives this object unchanged.
 """
 
-import functools
+import gc
 import os
 import sys
 from collections import defaultdict
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -27,9 +28,10 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 import vllm.envs as vllm_envs  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402
 
-from .sampler import VLLM_V1_ORDER, SamplerSpec  # noqa: E402
+from . import fingerprint as fp  # noqa: E402
+from .facts import EngineFacts, generation_defaults  # noqa: E402
+from .sampler import SAMPLER_FIELDS, VLLM_V1_ORDER, SamplerSpec  # noqa: E402
 
-_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # same-width integer view of a dtype
 # SamplingParams fields that change the sampled distribution in ways the trainer does not reproduce (vLLM 0.31:
 # applied before the penalties, or by structured decoding).
 UNREPRODUCED_KWARGS = ("logit_bias", "allowed_token_ids", "bad_words", "min_tokens", "logits_processors",
@@ -108,133 +110,16 @@ def head_dtype_supported() -> bool:
     return hasattr(ModelConfig, "head_dtype")
 
 
-def group_of(name: str) -> str:
-    """Fingerprint group of a parameter: its parent module and leaf name. vLLM fuses q/k/v into qkv_proj and
-    gate/up into gate_up_proj under the same parent, so HF and vLLM names land in the same groups."""
-    parent, _, leaf = name.rpartition(".")
-    return f"{parent.rpartition('.')[0]}.*.{leaf}" if parent else name
-
-
-def _checksum(t: torch.Tensor) -> int:
-    """Sum of the tensor's bit patterns modulo 2**32: exact, so independent of element order, fusion and transposition
-    (the same bits in any layout give the same value), and any change of a single element changes it. Integer
-    sums are 15x cheaper than float64 ones on CPU (151,936 x 128 fp32: 2.6 vs 41 ms)."""
-    bits = t.detach().contiguous().view(_BITS[t.element_size()])
-    wide = torch.int32 if t.element_size() < 8 else torch.int64
-    return int(bits.sum(dtype=wide)) & 0xFFFFFFFF
-
-
-def _fingerprint(named_tensors, dtypes: dict | None = None, zero_signs: frozenset = frozenset()) -> dict:
-    """{group: [bit checksum mod 2**32, element count]}; tensors are first cast to `dtypes[group]` when given. Groups in
-    `zero_signs` get -0.0 turned into +0.0 first (a packed layer read back through the identity cannot show the sign
-    of a zero)."""
-    acc = defaultdict(lambda: [0, 0])
-    for name, t in named_tensors:
-        g = group_of(name)
-        if dtypes is not None and dtypes.get(g, t.dtype) != t.dtype:
-            t = t.to(dtypes[g])
-        if g in zero_signs and t.is_floating_point():
-            t = t + 0.0  # IEEE: -0.0 + 0.0 = +0.0; every other value unchanged
-        acc[g][0] = (acc[g][0] + _checksum(t)) & 0xFFFFFFFF
-        acc[g][1] += t.numel()
-    return dict(acc)
-
-
-HEAD_GROUP = "lm_head:effective"  # the head as the engine computes logits with it (tied or not)
-
-
-def _sent_fingerprint(name: str, t: torch.Tensor, layout: dict, head_source: str | None) -> dict:
-    """Fingerprint of one streamed tensor as the engine stores it (`layout`: what `_engine_fingerprint` reported:
-    dtype per group and the groups read back through the identity); the tensor that feeds the engine's head also
-    counts for HEAD_GROUP (the applied head is W^T: the same bits)."""
-    dtypes, packed = layout["dtypes"], layout["packed"]
-    fp = _fingerprint([(name, t)], dtypes, packed)
-    if name == head_source:
-        g = group_of(name)
-        same = dtypes.get(HEAD_GROUP) == dtypes.get(g) and (HEAD_GROUP in packed) == (g in packed)
-        fp[HEAD_GROUP] = list(fp[g]) if same else _fingerprint([(HEAD_GROUP, t)], dtypes, packed)[HEAD_GROUP]
-    return fp
-
-
-def _applied_weight(module, param: torch.Tensor) -> torch.Tensor:
-    """W^T as the layer computes with it: the layer applied to the identity (one non-zero product per output, so
-    exact in any dtype), whatever packed copy or layout vLLM keeps (on CPU it prepacks linear and head weights)."""
-    n_in = param.shape[1] if param.numel() > 0 else module.input_size_per_partition
-    eye = _eye(n_in, param.dtype, param.device)
-    return torch.cat([module.quant_method.apply(module, eye[i:i + 1024]) for i in range(0, n_in, 1024)])
-
-
-@functools.lru_cache(maxsize=8)
-def _eye(n: int, dtype, device) -> torch.Tensor:
-    return torch.eye(n, dtype=dtype, device=device)
-
-
 def _model(worker):
     return worker.model_runner.get_model() if hasattr(worker.model_runner, "get_model") else worker.model_runner.model
 
 
-@torch.no_grad()
-def _engine_fingerprint(worker) -> tuple[dict, dict, str | None]:
-    """Fingerprint every engine parameter (a packed linear read back through the layer itself) plus the lm_head as
-    applied. Returns (fingerprint, layout: {"dtypes": dtype per group, "packed": groups read back through the
-    identity}, name of the parameter that feeds the head)."""
-    model = _model(worker)
-    head = getattr(model, "lm_head", None)
-    pairs, dtypes, names, packed_groups, head_applied = [], {}, {}, set(), None
-    for mod_name, module in model.named_modules():
-        for leaf, p in module.named_parameters(recurse=False):
-            if id(p) in names:  # tied weights count once, as in the HF model
-                continue
-            name = f"{mod_name}.{leaf}" if mod_name else leaf
-            names[id(p)] = name
-            packed = leaf == "weight" and p.numel() == 0 and hasattr(module, "quant_method")
-            pairs.append((name, _applied_weight(module, p) if packed else p))
-            dtypes[group_of(name)] = p.dtype
-            if packed:
-                packed_groups.add(group_of(name))
-                if module is head:  # the head's own packed weight, as applied: reused for HEAD_GROUP
-                    head_applied = pairs[-1][1]
-    weight = getattr(head, "weight", None)
-    source = names.get(id(weight)) if weight is not None and hasattr(head, "quant_method") else None
-    if source is not None:
-        pairs.append((HEAD_GROUP, head_applied if head_applied is not None else _applied_weight(head, weight)))
-        dtypes[HEAD_GROUP] = weight.dtype
-        packed_groups.add(HEAD_GROUP)
-    packed_groups = frozenset(packed_groups)
-    return _fingerprint(pairs, None, packed_groups), {"dtypes": dtypes, "packed": packed_groups}, source
+def _read_fingerprint(worker):  # runs in the vLLM worker (collective_rpc)
+    return fp.engine_fingerprint(_model(worker))
 
 
-@torch.no_grad()
-def _refresh_shared(worker) -> None:
-    """Re-run post-load processing of every module that shares a parameter with another (a tied lm_head).
-    vLLM's reload re-processes only the module a weight was loaded through: on CPU a tied head kept its packed copy
-    of the old embedding (measured: tiny tied model, fp32, mean |Δlogp| 0.022 after one update, weights 'in sync')."""
-    model = _model(worker)
-    owners = defaultdict(list)
-    for _, module in model.named_modules():
-        for _, p in module.named_parameters(recurse=False):
-            owners[id(p)].append(module)
-    for modules in owners.values():
-        if len(modules) < 2:
-            continue
-        for m in modules:
-            method = getattr(m, "quant_method", None)
-            if method is not None and hasattr(method, "process_weights_after_loading"):
-                method.process_weights_after_loading(m)
-
-
-def stale_groups(got: dict, expected: dict) -> list[str]:
-    """Groups whose fingerprints differ, or exist on one side only (an all-zero tensor, checksum 0, the engine may
-    legitimately not keep)."""
-    stale = []
-    for g in sorted(set(got) | set(expected)):
-        a, b = got.get(g), expected.get(g)
-        if a is None or b is None:
-            if (a or b)[0] != 0:
-                stale.append(g + (" (not in engine)" if a is None else " (never sent)"))
-        elif list(a) != list(b):
-            stale.append(g)
-    return stale
+def _refresh_shared(worker) -> None:  # runs in the vLLM worker (collective_rpc)
+    fp.refresh_shared(_model(worker))
 
 
 class Engine:
@@ -246,9 +131,7 @@ class Engine:
         self.sync_count = 0
         self.last_sync_stale: list[str] = []
         self.last_reset_ok: bool | None = None
-        self.after_sync = None  # called with the stale groups after every sync (the trainer applies its policy)
         self.verify_after_sync = True  # fingerprint after every sync (costs one read of the weights on each side)
-        self._llm_weights_sleeping = False  # read by TRL's loop
         self.sleeping = False  # level-2 sleep: the engine's weights are discarded until the next load
         self.sampled: dict = defaultdict(list)  # prompt ids -> completions sampled for it since the last take_sampled()
         os.environ.setdefault("RANK", str(rank))
@@ -273,37 +156,40 @@ class Engine:
         if head and head_dtype_supported():
             kwargs["hf_overrides"] = {"head_dtype": head}
         self.llm = LLM(**kwargs)
-        _, self.layout, self.head_source = self._rpc(_engine_fingerprint)
-        self.generation_defaults = model_generation_defaults(s.model, s.trust_remote_code)  # read once: file I/O
+        _, self.layout, self.head_source = self._rpc(_read_fingerprint)
+        self.generation_defaults = generation_defaults(s.model, s.trust_remote_code)  # read once: file I/O
         if s.enable_sleep_mode:
             self.sleep()  # as TRL: free the memory until the first sync wakes the engine and loads the weights
+
+    def close(self) -> None:
+        """Free the vLLM engine and its KV cache (before another engine is built in this process)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     # -- facts -----------------------------------------------------------------------------------------------------
     def sampling_params(self, max_tokens: int | None = None, **overrides) -> SamplingParams:
         s = self.settings
-        sp = s.sampler
-        kw = dict(n=1, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, min_p=sp.min_p,
-                  repetition_penalty=sp.repetition_penalty, presence_penalty=sp.presence_penalty,
-                  frequency_penalty=sp.frequency_penalty, max_tokens=max_tokens or s.max_tokens, logprobs=0)
+        kw = dict(n=1, **s.sampler.settings(), max_tokens=max_tokens or s.max_tokens, logprobs=0)
         kw.update(s.generation_kwargs)
         kw.update(overrides)
         return SamplingParams(**kw)
 
-    def facts(self) -> dict:
+    def facts(self) -> EngineFacts:
         """What the engine really runs with, read back from vLLM's own config objects."""
         cfg = self.llm.llm_engine.vllm_config
         mc = cfg.model_config
         sp = self.sampling_params()
         head = getattr(mc, "head_dtype", mc.dtype)
-        return dict(
+        return EngineFacts(
             compute_dtype=str(mc.dtype).removeprefix("torch."), head_dtype=str(head).removeprefix("torch."),
             head_dtype_supported=head_dtype_supported(), logprobs_mode=str(mc.logprobs_mode),
+            sampler=SamplerSpec(**{k: getattr(sp, k) for k in SAMPLER_FIELDS}, order=sampler_order()),
             prefix_caching=bool(cfg.cache_config.enable_prefix_caching), reset_after_sync=True,
             async_scheduling=bool(getattr(cfg.scheduler_config, "async_scheduling", False)),
-            temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, min_p=sp.min_p,
-            repetition_penalty=sp.repetition_penalty, presence_penalty=sp.presence_penalty,
-            frequency_penalty=sp.frequency_penalty, generation_config=self.generation_defaults,
-            sampler_order=list(sampler_order()),
+            generation_config=self.generation_defaults,
             unreproduced={k: v for k, v in self.settings.generation_kwargs.items() if k in UNREPRODUCED_KWARGS and v},
             block_size=cfg.cache_config.block_size, vllm_version=_vllm_version(),
             batch_invariant=bool(vllm_envs.VLLM_BATCH_INVARIANT) and batch_invariant_active(),
@@ -330,28 +216,26 @@ class Engine:
     def sleep(self) -> None:
         """Level-2 sleep: vLLM discards weights and KV cache. The next sync wakes the engine and must reload."""
         self.llm.sleep(level=2)
-        self.sleeping = self._llm_weights_sleeping = True
+        self.sleeping = True
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Re-map the engine's memory. After level-2 sleep the weights are garbage until `load_weights` runs: the
         verification that follows every sync is what proves the reload happened."""
         self.llm.wake_up(tags=tags)
         if tags is None or "weights" in tags:
-            self.sleeping = self._llm_weights_sleeping = False
+            self.sleeping = False
 
     def sync_weights(self) -> list[str]:
-        """Load the trainer's weights, reset the prefix cache, verify. Returns the stale groups (empty = in sync).
-        With sleep mode on, the engine's weights are woken first (as TRL does) and the verification runs on what
-        the woken engine really holds."""
+        """Load the trainer's weights, reset the prefix cache, verify. Returns the stale groups (empty = in sync);
+        the caller applies the gate (the engine knows no policy). With sleep mode on, the engine's weights are woken
+        first (as TRL does) and the verification runs on what the woken engine really holds."""
         if self.settings.enable_sleep_mode and self.sleeping:
             self.wake_up(tags=["weights"])
-        expected = defaultdict(lambda: [0, 0])
+        expected: dict = {}
 
         def tap(pairs):  # fingerprint exactly what is streamed, cast as the engine stores it
             for name, t in pairs:
-                for g, (a, b) in _sent_fingerprint(name, t, self.layout, self.head_source).items():
-                    expected[g][0] = (expected[g][0] + a) & 0xFFFFFFFF
-                    expected[g][1] += b
+                fp.accumulate(expected, fp.sent_fingerprint(name, t, self.layout, self.head_source))
                 yield name, t
 
         pairs = self.weights_fn()
@@ -359,15 +243,13 @@ class Engine:
         self.sync_count += 1
         if self.settings.enable_prefix_caching:
             self.last_reset_ok = self.reset_prefix_cache()
-        self.last_sync_stale = self.verify(dict(expected)) if self.verify_after_sync else []
-        if self.after_sync is not None:
-            self.after_sync(self.last_sync_stale)
+        self.last_sync_stale = self.verify(expected) if self.verify_after_sync else []
         return self.last_sync_stale
 
     def verify(self, expected: dict) -> list[str]:
         """Groups whose engine fingerprint differs from `expected` (or exists on one side only)."""
-        got, _, _ = self._rpc(_engine_fingerprint)
-        return stale_groups(got, expected)
+        got, _, _ = self._rpc(_read_fingerprint)
+        return fp.stale_groups(got, expected)
 
     # -- generation ------------------------------------------------------------------------------------------------
     def sample(self, prompt_ids: list[list[int]], max_tokens: int | None = None, **overrides):
@@ -385,7 +267,8 @@ class Engine:
         for o in outs:
             c = o.outputs[0]
             ids.append(list(c.token_ids))
-            lps.append([lp[t].logprob if lp and t in lp else float("nan") for lp, t in zip(c.logprobs or [], c.token_ids)])
+            lps.append([lp[t].logprob if lp and t in lp else float("nan")
+                        for lp, t in zip(c.logprobs or [], c.token_ids)])
         return ids, lps
 
     def generate(self, prompts, images=None, num_generations=1, profiler=None):
@@ -399,39 +282,10 @@ class Engine:
             self.sampled[tuple(p)].append(tuple(c))
         return [list(p) for p in prompts], ids, [[[x] for x in s] for s in lps], [[[t] for t in s] for s in ids]
 
-
     def take_sampled(self) -> dict:
         """{prompt ids: [completion ids, ...]} the engine sampled for TRL since the last call (then forgotten)."""
         sampled, self.sampled = self.sampled, defaultdict(list)
         return dict(sampled)
-
-    @contextmanager
-    def request_in_flight(self, prompt_ids: list[int], max_tokens: int = 64):
-        """Start one request and run one engine step, so it holds KV blocks while the body runs (as an in-flight
-        rollout does in asynchronous RL); aborted on exit."""
-        rid = f"trl-correct-in-flight-{self.sync_count}"
-        engine = self.llm.llm_engine
-        engine.add_request(rid, {"prompt_token_ids": list(prompt_ids)}, self.sampling_params(max_tokens))
-        engine.step()
-        try:
-            yield
-        finally:
-            engine.abort_request([rid])
-            while engine.has_unfinished_requests():
-                engine.step()
-
-
-def model_generation_defaults(model: str, trust_remote_code: bool = False) -> dict:
-    """The sampler defaults the model's own generation_config.json sets (the engine is built to ignore them, so the
-    config's values rule on both sides; the gate reports the ones not in effect). Empty when there is none."""
-    from transformers import GenerationConfig
-
-    try:
-        cfg = GenerationConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):  # no generation_config.json: nothing to report
-        return {}
-    keys = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
-    return {k: getattr(cfg, k) for k in keys if k in cfg.to_diff_dict()}
 
 
 def _vllm_version() -> str:

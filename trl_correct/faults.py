@@ -6,6 +6,7 @@ live weight-update path of a built engine (`live`: what a bug does; these need a
 perturbs the trainer's weights before re-running the gate). Nothing here imports vLLM directly.
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -13,6 +14,7 @@ from typing import Callable
 # dropped. 1e-2 (about one lr=1e-3 step of the tiny model) leaves a stale cache inside bf16 noise: in bf16 on CPU the
 # cached-prefix probe then measured mean |Δ| 0.0062 against 0.0075 uncached; at 0.1, 0.033 against 0.007.
 PERTURB_REL = 0.1
+LOGPROB_BIAS = 0.1  # nats: the engine_logprob_bias fault's constant shift
 
 
 @dataclass(frozen=True)
@@ -26,14 +28,19 @@ class Fault:
     run_when_na: bool = True  # the doctor still shows the row when not applicable (e.g. raw logprobs at T=1 pass)
     moves_probe: bool = True  # False: the probe's logprobs stay at the floor; only the fault's own check can name it
 
-    def applicable(self, trainer) -> str | None:
-        """None, or why this fault cannot show on this setup."""
+    def not_applicable(self, trainer) -> str | None:
+        """Why this fault cannot show on this setup; None when it can."""
         if self.name == "raw_logprobs" and trainer.temperature == 1.0:
             return "raw and processed logprobs are the same at temperature 1 with no other transform"
         if self.name == "bf16_head_trainer_side" and trainer.compute_dtype == "float32":
             return "the trainer computes in fp32, so its head is fp32 whatever fp32_lm_head says"
         if self.name == "wake_without_reload" and not trainer.engine.settings.enable_sleep_mode:
             return "sleep mode is off (vllm_enable_sleep_mode; GPU only: vLLM's CPU platform has none)"
+        config = trainer.accelerator.unwrap_model(trainer.model).config.get_text_config()
+        if self.name == "tied_head_stale" and not getattr(config, "tie_word_embeddings", False):
+            return "the engine's lm_head has a weight of its own (no tied embedding to leave stale)"
+        if self.name == "sampler_filter_dropped" and not trainer.sampler.transforms:
+            return "the sampler applies no filter (top_k/top_p/min_p) for the engine to drop"
         return None
 
 
@@ -51,6 +58,12 @@ def _sampler(s, t):
     s.sampler = replace(s.sampler, top_k=5)  # reaches the engine only (e.g. a subclass editing engine_settings)
 
 
+def _filter_dropped(s, t):
+    from dataclasses import replace
+
+    s.sampler = replace(s.sampler, top_k=0, top_p=1.0, min_p=0.0)  # the engine samples from the full vocabulary
+
+
 def _bf16_head(s, t):
     s.head_dtype = "bfloat16"  # the trainer keeps its head (fp32 by default)
 
@@ -65,6 +78,26 @@ def _caching(s, t):
 
 def _skip(t):
     t.engine.load_weights = lambda pairs: [None for _ in pairs]  # streamed, never loaded
+
+
+def _sync_skipped(t):
+    t.engine.sync_weights = lambda: []  # returns "in sync" without streaming anything (a skipped sync hook)
+
+
+def _tied_head_stale(t):
+    # vLLM's reload re-processes only the module a weight is loaded through: without the refresh of modules sharing
+    # it, a tied lm_head keeps its packed copy of the old embedding on CPU
+    t.engine.refresh_shared = lambda: None
+
+
+def _logprob_bias(t):
+    real = t.engine.sample
+
+    def sample(*args, **kwargs):  # every engine logprob 0.1 nats low (e.g. renormalised over a top-p mass, TRL #6789)
+        ids, lps = real(*args, **kwargs)
+        return ids, [[x - LOGPROB_BIAS for x in s] for s in lps]
+
+    t.engine.sample = sample
 
 
 def _partial(t):
@@ -87,10 +120,26 @@ def _reset_refused(t):
     prompt = t.probe_prompts()[0]
 
     def reset():
-        with t.engine.request_in_flight(prompt):
+        with request_in_flight(t.engine, prompt):
             return real()
 
     t.engine.reset_prefix_cache = reset
+
+
+@contextmanager
+def request_in_flight(engine, prompt_ids: list[int], max_tokens: int = 64):
+    """Start one request on the engine's vLLM LLM and run one engine step, so it holds KV blocks while the body runs
+    (as an in-flight rollout does in asynchronous RL); aborted on exit."""
+    rid = f"trl-correct-in-flight-{engine.sync_count}"
+    core = engine.llm.llm_engine
+    core.add_request(rid, {"prompt_token_ids": list(prompt_ids)}, engine.sampling_params(max_tokens))
+    core.step()
+    try:
+        yield
+    finally:
+        core.abort_request([rid])
+        while core.has_unfinished_requests():
+            core.step()
 
 
 def _wake_without_reload(t):
@@ -171,6 +220,7 @@ FAULTS = {f.name: f for f in (
     Fault("bf16_head_trainer_side", "lm_head_dtype", "trainer lm_head in the compute dtype, engine's in fp32",
           settings=_fp32_engine_head, trainer_flags=("--fp32_lm_head", "false")),
     Fault("skip_weight_sync", "weight_sync", "weights are streamed but never loaded into the engine", live=_skip),
+    Fault("sync_skipped", "weight_sync", "the sync call returns without streaming anything", live=_sync_skipped),
     Fault("partial_weight_sync", "weight_sync", "one tensor is left stale at every sync", live=_partial),
     Fault("stale_prefix_cache", "prefix_cache", "prefix caching on, reset claims success and drops nothing",
           settings=_caching, live=_lying_reset),
@@ -189,7 +239,39 @@ FAULTS = {f.name: f for f in (
           "attended)", live=_padding_attended),
     Fault("token_retokenized", "token_mismatch", "completions decoded and re-encoded before scoring",
           live=_retokenize, moves_probe=False),
+    Fault("tied_head_stale", "weight_sync", "a tied lm_head keeps its copy of the old embedding after a load",
+          live=_tied_head_stale, run_when_na=False),
+    Fault("engine_logprob_bias", "mismatch", f"every engine logprob {LOGPROB_BIAS} nats low", live=_logprob_bias),
+    Fault("sampler_filter_dropped", "sampler", "the engine samples from the full vocabulary; the trainer filters",
+          settings=_filter_dropped, run_when_na=False),
 )}
+
+
+def inject(trainer, name: str, at_step: int | None = None):
+    """Put fault `name` into a built trainer: now (returns the undo of a trainer-side fault, or None), or at the
+    start of optimizer step `at_step` of its training (a callback; the gate before step 0 then runs clean)."""
+    import copy
+
+    fault = FAULTS[name]
+
+    def apply():
+        if fault.settings:
+            settings = copy.deepcopy(trainer.engine.settings)
+            fault.settings(settings, trainer)
+            trainer.replace_engine(settings)
+        return fault.live(trainer) if fault.live else None
+
+    if at_step is None:
+        return apply()
+    from transformers import TrainerCallback
+
+    class At(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == at_step:
+                apply()
+
+    trainer.add_callback(At())
+    return None
 
 
 def perturb_weights(trainer, rel: float = PERTURB_REL, seed: int = 0) -> None:
@@ -205,8 +287,8 @@ def perturb_weights(trainer, rel: float = PERTURB_REL, seed: int = 0) -> None:
 
 def run_with_faults(trainer, names: list[str], base_settings):
     """Build the engine with the settings faults among `names`, gate once (clean update path), break the update
-    path with the live faults, perturb the weights, gate again. Returns the last gate's report (its probe's |Δlogp|
-    are in trainer.last_probe_gaps)."""
+    path with the live faults, perturb the weights, gate again. Returns the last gate's probe.GateRun (report,
+    probe, floors)."""
     import copy
 
     settings = copy.deepcopy(base_settings)
@@ -215,15 +297,15 @@ def run_with_faults(trainer, names: list[str], base_settings):
         if f.settings:
             f.settings(settings, trainer)
     trainer.replace_engine(settings)
-    report = trainer.run_gate()
+    run = trainer.full_gate()
     live = [f for f in faults if f.live]
     undo = []
     try:
         if live:
             undo = [u for u in (f.live(trainer) for f in live) if u is not None]
             perturb_weights(trainer)
-            report = trainer.run_gate()
+            run = trainer.full_gate()
     finally:
         for u in undo:  # trainer-side faults outlive the engine: take them back out
             u()
-    return report
+    return run

@@ -17,7 +17,7 @@ from trl.trainer.utils import FusedCausalLMOutput
 from .sampler import VLLM_V1_ORDER, SamplerSpec, history, token_logprobs
 
 
-def reproducible(model, spec: SamplerSpec) -> str | None:
+def why_unreproducible(model, spec: SamplerSpec) -> str | None:
     """None, or why this trainer cannot score `model` under `spec` (a gate failure with cause `sampler`)."""
     if spec.transforms and tuple(spec.order) != VLLM_V1_ORDER:
         return f"the engine's sampler order {list(spec.order)} is not the one sampler.py implements"
@@ -29,7 +29,7 @@ def reproducible(model, spec: SamplerSpec) -> str | None:
     return None
 
 
-def add_processed_head(model, spec: SamplerSpec, fp32_head: bool) -> None:
+def add_processed_head(model, spec: SamplerSpec, fp32_lm_head: bool) -> None:
     """Make `model(..., labels=, fused_lm_head=True)` return logprobs under `spec` (see module docstring)."""
     trl_forward = model.forward
 
@@ -55,7 +55,7 @@ def add_processed_head(model, spec: SamplerSpec, fp32_head: bool) -> None:
         weight, bias = head.weight, head.bias
         ctx = nullcontext()
         h = hidden[mask]
-        if fp32_head:
+        if fp32_lm_head:
             h, weight = h.float(), weight.float()
             bias = None if bias is None else bias.float()
             ctx = torch.autocast(h.device.type, enabled=False)

@@ -7,8 +7,12 @@ Shapes: [B, T] logprobs with a [B, T] mask of the tokens that count (completion 
 """
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
+
+from .sampler import OUTSIDE_LOGPROB
 
 TIS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 MISMATCH_KEYS = ("mean_abs_logprob_diff", "p99_abs_logprob_diff", "max_abs_logprob_diff", "kl_k3",
@@ -17,6 +21,11 @@ MISMATCH_KEYS = ("mean_abs_logprob_diff", "p99_abs_logprob_diff", "max_abs_logpr
 RATIO_BAND = (0.8, 1.25)
 # The TIS cap's band: a ratio outside [0.5, 2] is one the default cap (2) truncates, or its mirror image.
 WIDE_BAND = (0.5, 2.0)
+# torch.quantile refuses inputs over 2**24 elements ("quantile() input tensor is too large"); above it the nearest-rank
+# quantile by kthvalue (linear time, no size limit) is used instead.
+QUANTILE_MAX_ELEMENTS = 2**24
+# math.exp overflows above ~709.78: ratios are reported as exp(min(log ratio, EXP_MAX)).
+EXP_MAX = 700.0
 RATIO_KEYS = ("ratio_min", "ratio_p1", "ratio_p99", "ratio_max", "tokens_outside_0.5_2", "tokens_outside_0.8_1.25",
               "seqs_outside_0.5_2", "seqs_outside_0.8_1.25", "masked_frac")
 
@@ -32,6 +41,14 @@ def valid_gaps(trainer_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, ma
     return r[m & finite], int((m & ~finite).sum())
 
 
+def quantiles(x: torch.Tensor, qs: tuple) -> list[float]:
+    """Quantiles of a flat tensor (linear interpolation; nearest rank above QUANTILE_MAX_ELEMENTS)."""
+    if x.numel() <= QUANTILE_MAX_ELEMENTS:
+        return torch.quantile(x, torch.tensor(qs, dtype=x.dtype, device=x.device)).tolist()
+    n = x.numel()
+    return [float(x.kthvalue(min(n, max(1, math.ceil(q * n)))).values) for q in qs]
+
+
 def summarize_gaps(r: torch.Tensor, n_nonfinite: int = 0) -> dict:
     """Mismatch statistics of a flat tensor of gaps r (see module docstring). Empty input gives zeros."""
     if r.numel() == 0:
@@ -40,18 +57,13 @@ def summarize_gaps(r: torch.Tensor, n_nonfinite: int = 0) -> dict:
     a = r.abs()
     return dict(
         mean_abs_logprob_diff=a.mean().item(),
-        p99_abs_logprob_diff=torch.quantile(a, 0.99).item() if a.numel() < 16_000_000 else a.max().item(),
+        p99_abs_logprob_diff=quantiles(a, (0.99,))[0],
         max_abs_logprob_diff=a.max().item(),
         kl_k3=(torch.expm1(r) - r).mean().item(),
         ratio_outside_frac=((r < math.log(RATIO_BAND[0])) | (r > math.log(RATIO_BAND[1]))).double().mean().item(),
         n_tokens=int(r.numel()),
         n_nonfinite=n_nonfinite,
     )
-
-
-def mismatch_stats(trainer_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor) -> dict:
-    """Mean / p99 / max |Δlogp|, k3 KL, token count and non-finite count over masked tokens. Args [B, T]."""
-    return summarize_gaps(*valid_gaps(trainer_logprobs, engine_logprobs, mask))
 
 
 def is_weights(trainer_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor, mode: str,
@@ -114,7 +126,7 @@ def ratio_stats(r: torch.Tensor, r_seq: torch.Tensor, w: torch.Tensor) -> dict:
     share truncated or masked is `weight_stats`' clip_frac). Empty input gives ratio 1 and zero shares.
     """
     def exp(x):
-        return math.exp(min(float(x), 700.0))
+        return math.exp(min(float(x), EXP_MAX))
 
     def outside(x, band):
         return float(((x < math.log(band[0])) | (x > math.log(band[1]))).double().mean()) if x.numel() else 0.0
@@ -122,8 +134,7 @@ def ratio_stats(r: torch.Tensor, r_seq: torch.Tensor, w: torch.Tensor) -> dict:
     out = dict(ratio_min=1.0, ratio_p1=1.0, ratio_p99=1.0, ratio_max=1.0)
     if r.numel():
         r = r.double()
-        lo, hi = (torch.quantile(r, torch.tensor([0.01, 0.99], dtype=r.dtype)) if r.numel() < 16_000_000
-                  else (r.min(), r.max()))
+        lo, hi = quantiles(r, (0.01, 0.99))
         out = dict(ratio_min=exp(r.min()), ratio_p1=exp(lo), ratio_p99=exp(hi), ratio_max=exp(r.max()))
     n = w.numel()
     out.update({"tokens_outside_0.5_2": outside(r, WIDE_BAND), "tokens_outside_0.8_1.25": outside(r, RATIO_BAND),
@@ -142,15 +153,48 @@ def per_token(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return weights.expand_as(mask)[mask.bool()]
 
 
-def step_metrics(trainer_logprobs, engine_logprobs, mask, mode: str, cap: float) -> tuple[dict, torch.Tensor]:
-    """All per-step numbers of one process at once: mismatch stats plus clip_frac and ess of the capped weights.
+@dataclass(frozen=True)
+class Measurement:
+    """What `measure` found on one batch of tokens (a probe, or a training batch gathered over ranks)."""
 
-    Returns (metrics, weights). The weights are what TIS would apply; whether it does is the gate's decision.
+    stats: dict  # summarize_gaps + weight_stats + ratio_stats + n_outside_support (over every rank gathered)
+    gaps: torch.Tensor  # |r| of this rank's counted tokens, float32 on the CPU (the doctor's plot)
+    weights: torch.Tensor  # the correction's weights, [B, T] or [B, 1]
+    keep: torch.Tensor  # [B, T] bool: counted tokens (masked, finite on both sides, inside the trainer's support)
+    trainer_logprobs: torch.Tensor  # [B, T], non-finite entries replaced by 0 (they are out of `keep`)
+    engine_logprobs: torch.Tensor  # [B, T], likewise
+
+
+def _same(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def measure(trainer_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor,
+            correction: Callable, gather: Callable = _same) -> Measurement:
+    """Every per-batch figure the gate decides on, for the probe and for each training batch alike.
+
+    Args [B, T]; `correction(trainer_logprobs, engine_logprobs, keep) -> (weights, hit)` (numerics.is_weights or a
+    subclass's); `gather(flat tensor) -> flat tensor` concatenates over ranks (identity on one process). Tokens the
+    trainer scores outside its kept set (OUTSIDE_LOGPROB) or with a NaN/inf logprob on either side are counted
+    (n_outside_support, n_nonfinite) and left out of every statistic and of `keep`.
     """
-    stats = mismatch_stats(trainer_logprobs, engine_logprobs, mask)
-    w, hit = is_weights(trainer_logprobs, engine_logprobs, mask, mode, cap)
-    stats.update(weight_stats(per_token(w, mask), hit[mask.bool()]))
-    return stats, w
+    m = mask.bool()
+    outside = m & (trainer_logprobs <= OUTSIDE_LOGPROB / 2)
+    nonfinite = nonfinite_tokens(trainer_logprobs, engine_logprobs, m)
+    keep = m & ~outside & ~nonfinite
+    t = torch.where(nonfinite, torch.zeros_like(trainer_logprobs), trainer_logprobs)
+    e = torch.where(nonfinite, torch.zeros_like(engine_logprobs), engine_logprobs)
+    w, hit = correction(t, e, keep)
+    r = (t.detach().double() - e.detach().double())[keep]
+    counts = gather(torch.tensor([float(outside.sum()), float(nonfinite.sum())], dtype=torch.float64,
+                                 device=r.device)).view(-1, 2).sum(0)
+    n_outside, n_nonfinite = int(counts[0]), int(counts[1])
+    r_all, w_all = gather(r), gather(per_token(w, keep).double())
+    hit_all, seq_all = gather(hit[keep].double()), gather(sequence_gaps(t, e, keep))
+    stats = dict(summarize_gaps(r_all, n_nonfinite), n_outside_support=n_outside)
+    stats.update(weight_stats(w_all, hit_all))
+    stats.update(ratio_stats(r_all, seq_all, w_all))
+    return Measurement(stats, r.abs().float().cpu(), w, keep, t, e)
 
 
 def within(value: float, threshold: float) -> bool:

@@ -11,7 +11,7 @@ log_softmax over the kept tokens. A token outside the kept set has logprob -inf 
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -41,10 +41,7 @@ class SamplerSpec:
     @property
     def transforms(self) -> list[str]:
         """The settings other than temperature that change the distribution."""
-        on = dict(top_k=(self.top_k or 0) > 0, top_p=self.top_p < 1.0, min_p=self.min_p > 0.0,
-                  repetition_penalty=self.repetition_penalty != 1.0, presence_penalty=self.presence_penalty != 0.0,
-                  frequency_penalty=self.frequency_penalty != 0.0)
-        return [k for k, v in on.items() if v]
+        return [k for k in SAMPLER_FIELDS if k != "temperature" and not is_off(k, getattr(self, k))]
 
     @property
     def needs_history(self) -> bool:
@@ -54,6 +51,30 @@ class SamplerSpec:
         d = asdict(self)
         d["order"] = list(self.order)
         return d
+
+    def settings(self) -> dict:
+        """{field: value} of the sampler fields (SAMPLER_FIELDS), without the order."""
+        return {k: getattr(self, k) for k in SAMPLER_FIELDS}
+
+
+# The sampler's field names and their neutral ("off") values, once: config, gate and engine derive theirs from these.
+SAMPLER_FIELDS = tuple(f.name for f in fields(SamplerSpec) if f.name != "order")
+NEUTRAL = {f.name: f.default for f in fields(SamplerSpec) if f.name != "order"}
+
+
+def normalized(name: str, value):
+    """A sampler value in one spelling, so that settings meaning 'off' compare equal (top_k 0 / -1 / None, min_p
+    None / 0); None is the neutral value."""
+    if value is None:
+        value = NEUTRAL[name]
+    if name == "top_k":
+        return max(int(value), 0)
+    return float(value)
+
+
+def is_off(name: str, value) -> bool:
+    """`value` leaves the distribution unchanged (for temperature: 1)."""
+    return normalized(name, value) == normalized(name, None)
 
 
 def history(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor):

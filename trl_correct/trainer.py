@@ -5,16 +5,18 @@ Overrides (each calls super() and post-processes):
 - train: runs the gate before step 0 (on a resume: after loading the checkpoint's weights and gate history), switches
   TIS on only if it passes, writes correctness_report.json at the end.
 - _save_checkpoint: adds the gate state (correctness_state.json) to every TRL checkpoint.
-- _generate_and_score_completions: measures mismatch on the real batch every step (before truncation too), drops
-  non-finite and out-of-support tokens from the loss, checks the scored token ids are the engine's, and applies
-  our TIS weights (all ones until the gate has passed).
+- _generate_and_score_completions: at a new optimizer step, first syncs the engine itself and runs the after-sync
+  checks (probe.SCHEDULE) with the policy, so TRL's own sync finds nothing to do; then measures mismatch on the real
+  batch (before truncation too), drops non-finite and out-of-support tokens from the loss, checks the scored token
+  ids are the engine's, and applies our TIS weights (all ones until the gate has passed).
 - (not a method) when the sampler does more than temperature, the policy's fused LM head is wrapped by head.py so
   every trainer logprob is taken under the engine's exact transform.
-Hooks for subclasses: engine_settings(), engine_weights(), trainer_facts(), probe_prompts(), extra_checks(),
-correction(), on_gate_failure(). The probe and the full gate run (run_gate) live in probe.py's GateRunner mixin.
+Hooks for subclasses: engine_settings(), engine_weights(), trainer_facts(), probe_prompts(), extra_checks(probe),
+correction(), on_gate_failure(). The probe, the floors and the gate's assembly (run_gate) live in probe.py's
+GateRunner mixin. Public state: gate_report, calibration / thresholds, tis_enabled, step_records, failures,
+last_sync_check, in_gate (a gate's own probes and audits are running), training_started.
 """
 
-import gc
 import json
 import logging
 import os
@@ -25,14 +27,15 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from trl import GRPOTrainer
 
 from .audit import dropout_sources
+from .calibrate import calibrate
 from .config import CorrectGRPOConfig
-from .engine import Engine, EngineSettings, model_generation_defaults, sampler_order
-from .gate import (Check, GateFailure, GateReport, clip_check, mismatch_check, non_finite_check, reset_check,
-                   static_checks, support_check, weight_sync_check)
-from .head import add_processed_head, reproducible
-from .numerics import (RATIO_KEYS, is_weights, nonfinite_tokens, per_token, ratio_stats, sequence_gaps, summarize_gaps,
-                       valid_gaps, weight_stats)
-from .probe import GateRunner, outside_support
+from .engine import Engine, EngineSettings, sampler_order
+from .facts import TrainerFacts, generation_defaults
+from .gate import (Check, GateFailure, GateReport, clip_check, mismatch_check, missed_sync_check, non_finite_check,
+                   support_check, weight_sync_check)
+from .head import add_processed_head, why_unreproducible
+from .numerics import RATIO_KEYS, is_weights, measure
+from .probe import PAST_BLOCK_TOKENS, GateRunner
 from .weights import policy_weights, scoring_model
 
 logger = logging.getLogger("trl_correct")
@@ -48,7 +51,7 @@ class CorrectGRPOTrainer(GateRunner, GRPOTrainer):
                             f"{type(args).__name__}")
         path = model if isinstance(model, str) else getattr(model, "name_or_path", "")
         self.sampler_defaults_applied = args.apply_model_sampler_defaults(
-            model_generation_defaults(path, args.trust_remote_code) if path else {})
+            generation_defaults(path, args.trust_remote_code) if path else {})
         if self.sampler_defaults_applied:
             logger.info("trl-correct: sampler settings from the model's generation_config: %s",
                         self.sampler_defaults_applied)
@@ -63,12 +66,15 @@ class CorrectGRPOTrainer(GateRunner, GRPOTrainer):
                              "FSDP2 and DeepSpeed ZeRO-3; use accelerate_configs/fsdp2.yaml (fsdp_version: 2)")
         self.sampler = args.sampler_spec(order=sampler_order())  # one spec: engine and trainer both use it
         policy = scoring_model(self.accelerator.unwrap_model(self.model))
-        self.sampler_unreproducible = reproducible(policy, self.sampler)
-        if self.sampler.transforms and not self.sampler_unreproducible:
-            add_processed_head(policy, self.sampler, fp32_head=args.cast_lm_head_to_fp32)
+        self.sampler_unsupported = why_unreproducible(policy, self.sampler)
+        if self.sampler.transforms and not self.sampler_unsupported:
+            add_processed_head(policy, self.sampler, fp32_lm_head=args.fp32_lm_head)
         self.compute_dtype = self._compute_dtype()
-        self.thresholds, self.thresholds_reason = args.thresholds(self.compute_dtype,
-                                                                   self.accelerator.device.type == "cuda")
+        self.on_gpu = self.accelerator.device.type == "cuda"
+        # until the gate has measured the floors: the fixed per-dtype values (and the user's)
+        self.calibration = calibrate({}, self.compute_dtype, self.on_gpu, user=args.user_thresholds(),
+                                     bit_exact=args.bit_exact)
+        self.thresholds = self.calibration.values()
         self.engine = None
         self.replace_engine(self.engine_settings())
         self.gate_report: GateReport | None = None
@@ -76,23 +82,21 @@ class CorrectGRPOTrainer(GateRunner, GRPOTrainer):
         self.step_records: list[dict] = []
         self.failures: list[dict] = []
         self.resumes: list[dict] = []  # one entry per resume: where from, and the gate state saved there
-        self._in_training = False
-        self._last_sync_check: Check | None = None
+        self.in_gate = False  # a gate's own probes and audits are running (they call TRL's loss and generation too)
+        self.training_started = False
+        self.last_sync_check: Check | None = None
         self._synced_step = -1  # optimizer step at which the engine last received the weights
         self._fresh_shift = 0  # first-token shift of the last uncached probe (prefix-cache differential)
 
     def replace_engine(self, settings: EngineSettings) -> None:
         """(Re)build the colocated engine with `settings`; the next sync gives it the trainer's weights."""
         if self.engine is not None:
-            del self.engine.llm  # free the old engine (and its KV cache) before building the next
+            self.engine.close()  # free the old engine (and its KV cache) before building the next
             self.engine = self.vllm_generation = None
-            gc.collect()
         self.engine = Engine(settings, weights_fn=self.engine_weights, rank=self.accelerator.process_index,
                              world_size=self.accelerator.num_processes)
-        self.engine.after_sync = self._after_sync
         self.engine.verify_after_sync = self.args.verify_weight_sync
-        self.block_size = self.engine.facts()["block_size"]
-        self.vllm_generation = self.engine  # TRL's loop calls sync_weights() and generate() on it
+        self.vllm_generation = self.engine  # TRL's loop calls generate() on it (and sync_weights(), see sync_engine)
         self._last_loaded_step = -1
 
     # -- hooks -----------------------------------------------------------------------------------------------------
@@ -117,16 +121,14 @@ class CorrectGRPOTrainer(GateRunner, GRPOTrainer):
             self._unwrapped = (self.model, self.accelerator.unwrap_model(self.model))
         return policy_weights(self._unwrapped[1], self._dist)
 
-    def trainer_facts(self) -> dict:
+    def trainer_facts(self) -> TrainerFacts:
         """The trainer's side of the static checks: dtypes and the sampler transform its logprobs are taken under
         (temperature in TRL's fused head; everything else in head.py's processed head)."""
-        head = "float32" if self.args.cast_lm_head_to_fp32 else self.compute_dtype
-        spec = self.sampler.to_dict()
-        return dict(compute_dtype=self.compute_dtype, head_dtype=head, want_fp32_head=self.args.fp32_lm_head,
-                    **{k: spec[k] for k in spec if k != "order"}, sampler_order=spec["order"],
-                    sampler_unreproducible=self.sampler_unreproducible,
-                    sampler_defaults_applied=self.sampler_defaults_applied,
-                    dropout=dropout_sources(self.accelerator.unwrap_model(self.model)), bit_exact=self.args.bit_exact)
+        return TrainerFacts(
+            compute_dtype=self.compute_dtype, head_dtype="float32" if self.args.fp32_lm_head else self.compute_dtype,
+            fp32_lm_head=self.args.fp32_lm_head, sampler=self.sampler, sampler_unsupported=self.sampler_unsupported,
+            sampler_defaults_applied=dict(self.sampler_defaults_applied),
+            dropout=tuple(dropout_sources(self.accelerator.unwrap_model(self.model))), bit_exact=self.args.bit_exact)
 
     def probe_prompts(self) -> list[list[int]]:
         """Token ids of the probe prompts: the first `probe_size` training prompts. With prefix caching on, each
@@ -136,14 +138,14 @@ class CorrectGRPOTrainer(GateRunner, GRPOTrainer):
         ids = [list(p) for p in ids]
         if self.engine.settings.enable_prefix_caching:
             filler = [t for p in ids for t in p]
-            need = self.block_size + 16
+            need = self.engine.facts().block_size + PAST_BLOCK_TOKENS
             ids = [(filler * (need // max(len(filler), 1) + 1))[: max(need - len(p), 0)] + p for p in ids]
         return ids
 
-    def extra_checks(self) -> list[Check]:
+    def extra_checks(self, probe) -> list[Check]:
         """Your own gate checks, run with every full gate (before step 0, and every `probe_interval` steps) after the
-        built-in ones; a failing Check blocks TIS like any other and its `name` is reported as the cause. The probe's
-        batch is in `self.last_probe_batch` (prompt ids, completion ids, trainer logprobs [B, T], mask [B, T])."""
+        built-in ones; a failing Check blocks TIS like any other and its `name` is reported as the cause. `probe`:
+        the gate's probe.ProbeResult (prompt and completion ids, trainer logprobs [B, T], counted mask, stats)."""
         return []
 
     def correction(self, trainer_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor):
@@ -158,7 +160,7 @@ class CorrectGRPOTrainer(GateRunner, GRPOTrainer):
         self.tis_enabled = False
         self.failures.append({"step": self.state.global_step, "when": when, **report.to_dict()})
         if self.args.gate == "enforce":
-            if self._in_training:  # keep the work done before the fault: checkpoint, then stop
+            if self.training_started:  # keep the work done before the fault: checkpoint, then stop
                 self._save_checkpoint(self.model, trial=None)
                 self.failures[-1]["checkpoint"] = os.path.join(self.args.output_dir,
                                                                f"checkpoint-{self.state.global_step}")
@@ -180,24 +182,30 @@ class CorrectGRPOTrainer(GateRunner, GRPOTrainer):
         emb = self.accelerator.unwrap_model(self.model).get_input_embeddings().weight
         return str(emb.dtype).removeprefix("torch.")
 
-    def _after_sync(self, stale: list[str]) -> None:
-        self._synced_step = self.state.global_step
-        self._last_sync_check = weight_sync_check(stale, self.engine.sync_count)
-        if not self._in_training:
-            return
-        checks = [self._last_sync_check] if self.args.verify_weight_sync else []
-        if self.engine.settings.enable_prefix_caching:
-            checks.append(reset_check(self.engine.last_reset_ok))
-        every = self.args.probe_interval
-        if self.engine.settings.enable_prefix_caching or (every and self.state.global_step % every == 0):
-            checks += self._probe_checks()[0]
-        if every and self.state.global_step % every == 0:
-            checks += static_checks(self.trainer_facts(), self.engine.facts()) + list(self.extra_checks())
-        report = self._merge(GateReport(tuple(checks)))
+    def sync_engine(self) -> Check:
+        """Push the trainer's weights into the engine now and verify them (the weight_sync check). TRL's own sync
+        (inside generation) then finds the engine current and does nothing."""
+        count = self.engine.sync_count
+        stale = self.engine.sync_weights()
+        self._last_loaded_step = self.state.global_step
+        if self.engine.sync_count == count:  # nothing was streamed: whatever it answered, the engine is as it was
+            self.last_sync_check = missed_sync_check(self.state.global_step, self._synced_step, called=True)
+        else:
+            self._synced_step = self.state.global_step
+            self.last_sync_check = weight_sync_check(list(stale or []), self.engine.sync_count)
+        return self.last_sync_check
+
+    def _sync_and_check(self) -> None:
+        """A new optimizer step's sync, then the checks SCHEDULE lists after it and the policy on their verdict."""
+        self.sync_engine()
+        step, every = self.state.global_step, self.args.probe_interval
+        when = "interval" if every and step % every == 0 else "sync"
+        with self.gate_phase():
+            report = self.gate_checks(when).report
         if not report.passed:
-            self.on_gate_failure(report, f"after the weight sync at step {self.state.global_step}")
-        elif every and self.state.global_step % every == 0 and not self.tis_enabled:
-            logger.warning("trl-correct gate passes again at step %d: TIS back on", self.state.global_step)
+            self.on_gate_failure(report, f"after the weight sync at step {step}")
+        elif when == "interval" and not self.tis_enabled:
+            logger.warning("trl-correct gate passes again at step %d: TIS back on", step)
             self.tis_enabled = True
 
     # -- training --------------------------------------------------------------------------------------------------
@@ -217,18 +225,19 @@ class CorrectGRPOTrainer(GateRunner, GRPOTrainer):
             logger.info("trl-correct: gate PASS, TIS on (%s, cap %g)", self.args.tis_mode, self.args.tis_cap)
         else:
             self.on_gate_failure(self.gate_report, "before training")
-        self._in_training = True
+        self.training_started = True
         try:
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         finally:
-            self._in_training = False
+            self.training_started = False
             self.write_report()
 
     def gate_state(self) -> dict:
         """What a checkpoint keeps of the gate: verdict, thresholds, TIS on/off, every step's metrics, failures."""
         return {"step": self.state.global_step, "tis_enabled": self.tis_enabled,
                 "gate": self.gate_report.to_dict() if self.gate_report else None, "thresholds": self.thresholds,
-                "steps": self.step_records, "failures": self.failures, "resumes": self.resumes}
+                "calibration": self.calibration.to_dict(), "steps": self.step_records, "failures": self.failures,
+                "resumes": self.resumes}
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
@@ -258,38 +267,25 @@ class CorrectGRPOTrainer(GateRunner, GRPOTrainer):
         self.tis_enabled = False
 
     def _generate_and_score_completions(self, inputs):
+        if self.model.training and self.state.global_step != self._last_loaded_step:
+            self._sync_and_check()
         out = super()._generate_and_score_completions(inputs)
         sampled = self.engine.take_sampled()
         if not self.model.training:
             return out
         step = self.state.global_step
-        if self.args.verify_weight_sync and self._synced_step != step:
-            # the engine generated this batch without receiving the weights of this step
-            check = Check("weight_sync", False, f"no weight sync reached the engine before it generated the batch of "
-                                                f"step {step} (last sync at step {self._synced_step})",
-                          "the trainer's sync hook was skipped: make sure sync_weights() runs after every update")
-            self.on_gate_failure(GateReport((check,)), f"at step {step}")
+        if self.args.verify_weight_sync and self._synced_step != step:  # generated without this step's weights
+            self.on_gate_failure(GateReport((missed_sync_check(step, self._synced_step),)), f"at step {step}")
         label = f"batch at step {step}"
         identity = self._token_identity(out, sampled, label)
         mask = out["completion_mask"] if "tool_mask" not in out else out["completion_mask"] * out["tool_mask"]
-        trainer_lps, engine_lps = out["old_per_token_logps"], out["sampling_per_token_logps"]
-        outside = outside_support(trainer_lps, mask)
-        nonfinite = nonfinite_tokens(trainer_lps, engine_lps, mask)
-        n_outside, n_nonfinite = (int(x) for x in self.accelerator.gather(
-            torch.tensor([[int(outside.sum()), int(nonfinite.sum())]], device=mask.device)).sum(0))
+        m = measure(out["old_per_token_logps"], out["sampling_per_token_logps"], mask, self.correction,
+                    gather=self._gather_flat)
+        stats = m.stats
+        n_outside, n_nonfinite = stats["n_outside_support"], stats["n_nonfinite"]
         if n_outside or n_nonfinite:  # never train on a token the trainer cannot produce or either side cannot score
-            keep = ~(outside | nonfinite)
-            out["completion_mask"] = out["completion_mask"] * keep
-            mask = mask * keep
-            out["old_per_token_logps"] = trainer_lps = torch.where(nonfinite, 0.0, trainer_lps)
-            out["sampling_per_token_logps"] = engine_lps = torch.where(nonfinite, 0.0, engine_lps)
-        r, _ = valid_gaps(trainer_lps, engine_lps, mask)
-        w, hit = self.correction(trainer_lps, engine_lps, mask)
-        gathered = [self._gather_flat(x) for x in (r, per_token(w, mask), hit[mask.bool()].float(),
-                                                   sequence_gaps(trainer_lps, engine_lps, mask))]
-        stats = summarize_gaps(gathered[0], n_nonfinite)
-        stats.update(weight_stats(gathered[1], gathered[2]))
-        stats.update(ratio_stats(gathered[0], gathered[3], gathered[1]))
+            out["completion_mask"] = out["completion_mask"] * (m.keep | ~mask.bool())
+            out["old_per_token_logps"], out["sampling_per_token_logps"] = m.trainer_logprobs, m.engine_logprobs
         check = mismatch_check(stats, self.thresholds, label=label)
         failed = [c for c in (identity, support_check(n_outside, label), non_finite_check(n_nonfinite, label))
                   if not c.passed]
@@ -298,6 +294,7 @@ class CorrectGRPOTrainer(GateRunner, GRPOTrainer):
                        if not c.passed]
         if failed:
             self.on_gate_failure(GateReport(tuple(failed), stats), f"on the training batch at step {step}")
+        w = m.weights
         out["importance_sampling_ratio"] = w if self.tis_enabled else torch.ones_like(w)
         gate_passed = bool(self.gate_report and self.gate_report.passed and check.passed and not failed)
         record = {"step": step, "tis_enabled": self.tis_enabled, "gate_passed": gate_passed,
@@ -345,6 +342,6 @@ class CorrectGRPOTrainer(GateRunner, GRPOTrainer):
         os.makedirs(self.args.output_dir, exist_ok=True)
         data = {"gate": self.gate_report.to_dict() if self.gate_report else None, "steps": self.step_records,
                 "failures": self.failures, "resumes": self.resumes, "thresholds": self.thresholds,
-                "thresholds_reason": self.thresholds_reason, "engine": self.engine.facts()}
+                "calibration": self.calibration.to_dict(), "engine": self.engine.facts().to_dict()}
         with open(os.path.join(self.args.output_dir, "correctness_report.json"), "w") as f:
             json.dump(data, f, indent=2, default=str)

@@ -1,0 +1,120 @@
+"""`trl-correct doctor --calibrate`: the gate's calibration on this model and machine, and what it buys.
+
+    trl-correct doctor --config RECIPE --calibrate [--yaml OUT.yaml] [--json OUT.json] [recipe flags]
+
+1. Builds the recipe's trainer and engine and runs the gate once, clean: the floors it calibrates from (the trainer
+   against itself across batch shapes and, in bf16/fp16 with fp32 weights, against fp32) and the thresholds derived
+   by calibrate.py's rule.
+2. Measures one more floor the gate itself does not use: the engine against itself (each probe prompt sampled alone
+   vs in the batch). Where it is above the trainer's, the thresholds are derived again with it included.
+3. Injects each fault of faults.py that moves the probe (as --selftest does) and prints its figures, the margin over
+   the calibrated thresholds (the largest of fault/threshold over mean, p99 and k3: > 1 means the generic
+   mismatch check alone catches it) next to the same margin over the fixed per-dtype values, and whether the fault's
+   own check named it.
+4. Writes a recipe snippet (YAML) pinning the derived thresholds, with the floors and the rule as comments.
+
+Exit code: 0 when the clean gate passes and every applicable fault is named by its own cause, 1 otherwise.
+"""
+
+import copy
+import json
+import sys
+from datetime import date
+
+from .calibrate import CALIBRATED, CAP_ONLY, calibrate
+from .config import THRESHOLD_FIELDS
+from .faults import FAULTS, run_with_faults
+from .gate import SHORT
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def _margin(stats: dict, thresholds: dict) -> float:
+    """How far past its threshold the fault's most telling statistic lies (> 1: the mismatch check fails)."""
+    return max(stats[k] / thresholds[k] if thresholds[k] > 0 else float("inf") for k in CALIBRATED)
+
+
+def main(a, recipe_flags: list[str]) -> int:
+    from .train import build_trainer
+
+    trainer = build_trainer(["--config", a.config, *recipe_flags])
+    base = copy.deepcopy(trainer.engine.settings)
+    print("trl-correct doctor --calibrate: clean gate ...", file=sys.stderr, flush=True)
+    clean = trainer.full_gate()
+    print(clean.report.table())
+    floors = dict(clean.floors)
+    if clean.probe is not None:
+        floors["engine_vs_itself"] = trainer.engine_floor(clean.probe)
+    runtime = trainer.calibration
+    a_dtype, on_gpu = trainer.compute_dtype, trainer.on_gpu
+    pinned = calibrate(floors if trainer.args.calibrate else {}, a_dtype, on_gpu, user=trainer.args.user_thresholds(),
+                       bit_exact=trainer.args.bit_exact)
+    fixed = calibrate({}, a_dtype, on_gpu).values()
+    cal = pinned.values()
+
+    print("\nfloors (what a healthy implementation differs by on this model and machine):")
+    print("| floor | mean |Δ| | p99 |Δ| | max |Δ| | k3 KL | tokens |")
+    print("|---|---|---|---|---|---|")
+    for name, f in floors.items():
+        if isinstance(f, dict):
+            print(f"| {name} | {_fmt(f['mean_abs_logprob_diff'])} | {_fmt(f['p99_abs_logprob_diff'])} | "
+                  f"{_fmt(f['max_abs_logprob_diff'])} | {_fmt(f['kl_k3'])} | {f['n_tokens']} |")
+        else:
+            print(f"| {name} | not measured: {f} | | | | |")
+    print("\nthresholds (rule: calibrate.py; the engine floor is included here, the gate itself uses the trainer's):")
+    print("| statistic | derived | source | rule | gate's own | fixed |")
+    print("|---|---|---|---|---|---|")
+    for k, t in pinned.thresholds.items():
+        print(f"| {SHORT[k]} | {_fmt(t.value)} | {t.source} | {t.rule} | {_fmt(runtime.values()[k])} | "
+              f"{_fmt(fixed[k])} |")
+
+    rows, ok = [], clean.report.passed
+    for name, fault in FAULTS.items():
+        why_not = fault.not_applicable(trainer)
+        if not fault.moves_probe or fault.trainer_flags or why_not:
+            continue
+        print(f"trl-correct doctor --calibrate: injecting {name} ...", file=sys.stderr, flush=True)
+        run = run_with_faults(trainer, [name], base)
+        m = run.report.mismatch
+        named = fault.cause in run.report.causes
+        ok &= named
+        rows.append({"fault": name, **{k: m.get(k) for k in (*CALIBRATED, CAP_ONLY)}, "named": named,
+                     "causes": run.report.causes, "margin_calibrated": _margin(m, cal) if m else None,
+                     "margin_fixed": _margin(m, fixed) if m else None})
+    trainer.replace_engine(base)
+
+    print("\nfaults that move the probe: margin = largest fault/threshold over mean, p99, k3 (> 1: the generic "
+          "mismatch check alone catches it)")
+    print("| fault | mean |Δ| | p99 |Δ| | k3 KL | margin, calibrated | margin, fixed | named by its own check |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['fault']} | {_fmt(r['mean_abs_logprob_diff'])} | {_fmt(r['p99_abs_logprob_diff'])} | "
+              f"{_fmt(r['kl_k3'])} | {_fmt(r['margin_calibrated'])}x | {_fmt(r['margin_fixed'])}x | "
+              f"{'yes' if r['named'] else 'NO'} ({', '.join(r['causes'])}) |")
+    clean_margin = _margin(clean.report.mismatch, cal) if clean.report.mismatch else None
+    print(f"\nclean probe: {_fmt(clean_margin)}x of the calibrated thresholds (must stay below 1)")
+
+    snippet = yaml_snippet(pinned, floors, trainer)
+    with open(a.yaml, "w") as f:
+        f.write(snippet)
+    print(f"\nrecipe snippet written to {a.yaml}:\n{snippet}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"verdict": "pass" if ok else "fail", "clean": clean.report.to_dict(), "floors": floors,
+                       "calibration": pinned.to_dict(), "fixed": fixed, "faults": rows}, f, indent=2, default=str)
+    return 0 if ok else 1
+
+
+def yaml_snippet(calibration, floors: dict, trainer) -> str:
+    """Recipe lines pinning the thresholds, with where they came from as comments."""
+    model = trainer.accelerator.unwrap_model(trainer.model).name_or_path
+    lines = [f"# trl-correct doctor --calibrate, {date.today().isoformat()}: {model}, {trainer.compute_dtype}, "
+             f"{'GPU' if trainer.on_gpu else 'CPU'}",
+             "# floors: " + "; ".join(f"{n} mean {f['mean_abs_logprob_diff']:.3g} p99 {f['p99_abs_logprob_diff']:.3g} "
+                                      f"k3 {f['kl_k3']:.3g}" for n, f in floors.items() if isinstance(f, dict)),
+             "# rule: threshold = min(cap, max(factor x largest floor, minimum)), factor 4 (k3: 16); max |Δ|: cap only"]
+    for k, t in calibration.thresholds.items():
+        lines.append(f"{THRESHOLD_FIELDS[k]}: {t.value:.4g}  # {t.source}: {t.rule}")
+    return "\n".join(lines) + "\n"
