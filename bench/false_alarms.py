@@ -8,8 +8,8 @@ figures for comparison.
 Each seed runs in its own process: build the trainer (CorrectGRPOTrainer defaults; T = 0.9; completions x tokens per
 step), run the gate and `--steps` real GRPO steps under `gate: enforce` (a false alarm raises and is recorded). Then
 every figure the gate decided on (probe, each batch) is also judged against the fixed per-dtype thresholds.
-`--large N`: after training, one more batch of N completions (same tokens each) through TRL's generate-and-score and
-the per-step checks, no optimizer step: the decision at >= 1e5 scored tokens. Appends the table to docs/BENCHMARKS.md.
+`--large N`: after seed 0's training, one more batch of N completions (same tokens each) through TRL's
+generate-and-score and the per-step checks, no optimizer step: the decision at >= 1e5 scored tokens. Appends the table to docs/BENCHMARKS.md.
 """
 
 import argparse
@@ -55,8 +55,8 @@ def child(a) -> None:
         trainer.train()
     except GateFailure as e:
         alarm = {"step": trainer.state.global_step, "causes": e.report.causes, "detail": e.report.table()}
-    large = None
-    if a.large and alarm is None:
+    steps, large = list(trainer.step_records), None
+    if a.large and alarm is None and a.seed == 0:
         trainer.model.train()
         rows = tiny_prompts().select(range(a.large // 4))
         prompts = [{"prompt": r["prompt"]} for r in rows for _ in range(4)]  # 4 completions per prompt, grouped
@@ -70,7 +70,7 @@ def child(a) -> None:
     report = trainer.gate_report
     out = dict(seed=a.seed, alarm=alarm, thresholds=trainer.thresholds, fixed=fixed,
                calibration=trainer.calibration.to_dict(), probe=report.mismatch if report else None,
-               steps=trainer.step_records, large=large)
+               steps=steps, large=large)
     with open(a.out, "w") as f:
         json.dump(out, f, default=str)
 
