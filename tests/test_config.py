@@ -22,6 +22,8 @@ def cfg(tmp_path, **kw):
     (dict(cast_lm_head_to_fp32=True, fp32_lm_head=False), "cast_lm_head_to_fp32"),
     (dict(max_kl_k3=0.0), "max_kl_k3"),
     (dict(max_p99_abs_logprob_diff=-1.0), "max_p99_abs_logprob_diff"),
+    (dict(vllm_tensor_parallel_size=2), "vllm_tensor_parallel_size"),
+    (dict(vllm_tensor_parallel_size=0), "vllm_tensor_parallel_size"),
     (dict(probe_size=0), "probe_size"),
     (dict(vllm_dtype="fp8"), "vllm_dtype"),
     (dict(generation_kwargs={"top_k": 5}), "generation_kwargs"),

@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 
-from trl_correct.facts import EngineFacts, TrainerFacts
+from trl_correct.facts import EngineFacts, TrainerFacts, TransformersBackend
 from trl_correct.gate import (STATIC_CHECKS, Check, GateFailure, GateReport, clip_check, loss_audit_check,
                               mismatch_check, non_finite_check, reset_check, self_consistency_check, static_checks,
                               temperature_check, token_identity_check, weight_sync_check)
@@ -17,6 +17,9 @@ ENGINE = EngineFacts(compute_dtype="float32", head_dtype="float32", logprobs_mod
 THRESH = dict(mean_abs_logprob_diff=1e-4, p99_abs_logprob_diff=1e-3, max_abs_logprob_diff=2e-3, kl_k3=1e-6)
 CLEAN = dict(mean_abs_logprob_diff=1e-6, p99_abs_logprob_diff=3e-6, max_abs_logprob_diff=5e-6, kl_k3=1e-12,
              n_tokens=100, n_nonfinite=0)
+# a model vLLM serves through its Transformers backend on a vLLM whose compile decorator was not read
+UNVERIFIED_BACKEND = TransformersBackend("Olmo2ForCausalLM", "TransformersForCausalLM", ("Olmo2Model",),
+                                         "vLLM 9.9's compile decorator has not been read")
 SAMPLER_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                 "frequency_penalty")
 
@@ -54,6 +57,9 @@ def test_clean_facts_pass_every_static_check():
     (dict(sampler=SamplerSpec(temperature=0.7, order=("unverified: vLLM 9.9",))), None, "sampler"),
     (dict(unreproduced={"logit_bias": {5: 3.0}}), None, "sampler"),
     (None, dict(sampler_defaults_applied={"top_k": 20}), "generation_config"),
+    (dict(transformers_backend=UNVERIFIED_BACKEND), None, "architecture"),
+    (dict(transformers_backend=TransformersBackend("Olmo2ForCausalLM", "TransformersForCausalLM", ("Olmo2Model",))),
+     None, None),
     (dict(head_dtype="bfloat16", compute_dtype="bfloat16"), dict(fp32_lm_head=False, head_dtype="bfloat16",
                                                                  compute_dtype="bfloat16"), None),
 ])
@@ -66,8 +72,8 @@ def test_each_static_fault_names_its_cause(engine, trainer, cause):
 
 def test_every_static_check_is_shown_failing():
     failed = {c for case in STATIC_FAILURES for c in causes(*case)}
-    names = {f(TRAINER, ENGINE).name for f in STATIC_CHECKS if f(TRAINER, ENGINE) is not None}
-    assert names | {"bit_exact"} <= failed | {"bit_exact"} and "bit_exact" in failed, names - failed
+    names = {f.__name__.removeprefix("check_") for f in STATIC_CHECKS}  # each check's cause is its function's name
+    assert names <= failed, names - failed
 
 
 STATIC_FAILURES = [(None, dict(logprobs_mode="raw_logprobs")), (None, dict(compute_dtype="bfloat16")),
@@ -75,7 +81,8 @@ STATIC_FAILURES = [(None, dict(logprobs_mode="raw_logprobs")), (None, dict(compu
                    (dict(sampler_defaults_applied={"top_k": 20}), None),
                    (None, dict(prefix_caching=True, reset_after_sync=False)), (dict(dropout=("p=0.1",)), None),
                    (dict(bit_exact=True), dict(batch_invariant_unsupported="no CUDA GPU")),
-                   (None, dict(async_scheduling=True))]
+                   (None, dict(async_scheduling=True)), (None, dict(transformers_backend=UNVERIFIED_BACKEND)),
+                   (dict(attention_dropped="attention soft-capping 50 is ignored by attn_implementation=sdpa"), None)]
 
 
 def test_raw_logprobs_are_fine_at_t1_without_transforms():
@@ -179,3 +186,24 @@ def test_token_identity_and_self_consistency_checks():
     assert self_consistency_check({**CLEAN, "batch_size": 8}, caps).passed
     c = self_consistency_check({**CLEAN, "max_abs_logprob_diff": 0.3, "batch_size": 8}, caps)
     assert not c.passed and c.name == "trainer_consistency" and "8 vs 1" in c.detail and "max 0.3 > 0.1" in c.detail
+
+
+def test_attention_that_drops_softcapping_is_named():
+    from trl_correct.audit import attention_dropped
+
+    class Cfg:
+        attn_logit_softcapping, _attn_implementation = 50.0, "sdpa"
+
+        def get_text_config(self):
+            return self
+
+    class Model:
+        config = Cfg()
+
+    why = attention_dropped(Model())
+    assert "attn_implementation=sdpa" in why and "50" in why
+    Model.config._attn_implementation = "eager"
+    assert attention_dropped(Model()) is None
+    c = {c.name: c for c in static_checks(replace(TRAINER, attention_dropped=why), ENGINE)}["attention"]
+    assert not c.passed and "eager" in c.fix
+    assert "attention" not in {c.name for c in static_checks(TRAINER, ENGINE)}  # nothing to drop: no row

@@ -32,3 +32,30 @@ def test_lora_dropout_is_named_before_training(make_trainer):
         trainer.train()
     assert e.value.report.causes == ["dropout"]
     assert "p=0.05" in next(c.detail for c in e.value.report.checks if c.name == "dropout")
+
+
+def test_lora_out_of_the_box_from_the_command_line(tmp_path):
+    # the command: no lora_dropout given, so trl-correct uses 0 (TRL's ModelConfig default 0.05 would be named
+    # `dropout` by the gate and stop the run)
+    from trl_correct.train import build_trainer
+
+    trainer = build_trainer(["--config", "recipes/tiny.yaml", "--use_peft", "true", "--lora_r", "8",
+                             "--lora_target_modules", "all-linear", "--learning_rate", "1e-2", "--max_steps", "4",
+                             "--output_dir", str(tmp_path)])
+    try:
+        trainer.train()
+        assert trainer.gate_report.passed, trainer.gate_report.table()
+        gaps = [r["max_abs_logprob_diff"] for r in trainer.step_records]
+        assert len(gaps) == 4 and all(r["tis_enabled"] for r in trainer.step_records) and max(gaps) < FP32_TOL, gaps
+    finally:
+        trainer.engine.close()
+
+
+def test_an_explicit_lora_dropout_is_kept(tmp_path):
+    from trl_correct.train import given
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("use_peft: true\nlora_dropout: 0.05\n")
+    assert given(["--config", str(recipe)], "lora_dropout") and given(["--lora_dropout=0.1"], "lora_dropout")
+    assert given(["--lora_dropout", "0.1"], "lora_dropout") and not given(["--config", "recipes/tiny.yaml"],
+                                                                        "lora_dropout")

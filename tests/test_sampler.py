@@ -139,7 +139,7 @@ def test_unverified_vllm_release_is_not_guessed():
     from trl_correct.engine import sampler_order
     from trl_correct.head import why_unreproducible
 
-    assert sampler_order("0.31.0") == sampler_order("0.26.0") == SPECS["combined"].order
+    assert sampler_order("0.33.0") == sampler_order("0.31.0") == sampler_order("0.26.0") == SPECS["combined"].order
     model = SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: SimpleNamespace()))
     future = SamplerSpec(top_k=5, order=sampler_order("0.40.0"))
     assert "not the one sampler.py implements" in why_unreproducible(model, future)

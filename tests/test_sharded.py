@@ -19,7 +19,8 @@ from accelerate.commands.config.config_args import load_config_from_file
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CONFIGS = {"cpu.yaml": "NO", "cpu_2proc.yaml": "MULTI_GPU", "single_gpu.yaml": "NO", "multi_gpu.yaml": "MULTI_GPU",
-           "deepspeed_zero2.yaml": "DEEPSPEED", "deepspeed_zero3.yaml": "DEEPSPEED", "fsdp2.yaml": "FSDP"}
+           "deepspeed_zero2.yaml": "DEEPSPEED", "deepspeed_zero3.yaml": "DEEPSPEED", "fsdp2.yaml": "FSDP",
+           "multi_node.yaml": "MULTI_GPU"}
 
 
 @pytest.mark.parametrize("name,kind", CONFIGS.items())

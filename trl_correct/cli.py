@@ -3,6 +3,8 @@
     trl-correct train --config recipes/tiny.yaml [--field value ...]   # the main job, in this process
     trl-correct doctor --config RECIPE [--json OUT] [--plot OUT.png] [--inject FAULT ...] [--selftest]
     trl-correct plot RUN_DIR [--out PNG]                               # reward and mismatch curves of a run
+    trl-correct verify PATH [--config RECIPE] [--field value ...]      # re-check a saved model's parity certificate
+                                                                       # (exit 0 holds, 1 does not, 2 no certificate)
     trl-correct build-tiny                                             # build/cache the embedded model, print its dir
 """
 
@@ -30,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         from .plot import main as plot
 
         return plot(rest)
+    if cmd == "verify":
+        from .verify import main as verify
+
+        return verify(rest)
     if cmd == "build-tiny":
         from .tiny import tiny_model_dir
 

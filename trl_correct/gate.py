@@ -4,10 +4,12 @@ Deciding is a pure function of facts (facts.py: what each side runs with) and me
 elsewhere; thresholds come from calibrate.py. Nothing here imports vLLM or TRL, so every check is tested on hand-made
 facts. A failed check's `name` is the *cause* reported everywhere (logs, exceptions, correctness_report.json).
 
-Static checks (one function each, `STATIC_CHECKS`): logprobs_mode, dtype, lm_head_dtype, sampler, generation_config,
-prefix_cache, dropout, bit_exact, async_scheduling. Checks of measurements: weight_sync, prefix_cache_reset,
-mismatch, sampler_support, non_finite_logprobs, ratio_clipped, correction_not_applied, temperature, token_mismatch,
-trainer_consistency (and prefix_cache again, from the probe's cached/uncached differential, in probe.py).
+Static checks (one function each, `STATIC_CHECKS`): architecture (only for a model vLLM serves through its
+Transformers backend), logprobs_mode, dtype, lm_head_dtype, attention (only for a model with attention soft-capping),
+sampler, generation_config, prefix_cache, dropout,
+bit_exact, async_scheduling. Checks of measurements: weight_sync, prefix_cache_reset, mismatch, sampler_support,
+non_finite_logprobs, ratio_clipped, correction_not_applied, temperature, token_mismatch, trainer_consistency (and
+prefix_cache again, from the probe's cached/uncached differential, in probe.py).
 Where a new check goes: docs/ARCHITECTURE.md.
 """
 
@@ -95,6 +97,26 @@ class GateFailure(RuntimeError):
 
 # -- static checks: one function each, (TrainerFacts, EngineFacts) -> Check, or None where it does not apply --------
 
+def check_architecture(t: TrainerFacts, e: EngineFacts) -> Check | None:
+    """A model vLLM has no native implementation for: vLLM's Transformers backend patches the transformers class the
+    trainer runs too, so the trainer's forward works only while the engine keeps its instances off vLLM's compile
+    path (engine.py). None for a natively implemented architecture."""
+    tb = e.transformers_backend
+    if tb is None:
+        return None
+    served = (f"vLLM serves {tb.architecture} through its Transformers backend ({tb.vllm_class}; no native "
+              "implementation)")
+    patched = f"transformers' {', '.join(tb.patched)}" if tb.patched else ""
+    if tb.unsupported:
+        return Check("architecture", False, f"{served}; its compile decorator patched {patched or 'no class'}, "
+                                            f"which the trainer runs too: {tb.unsupported}",
+                     "use an architecture vLLM implements natively, or a vLLM release whose compile decorator "
+                     "trl-correct has read (engine.VERIFIED_COMPILE_DECORATOR)")
+    return Check("architecture", True, served + (f"; its compile decorator patched {patched} (the trainer's class "
+                                                 "too): instances vLLM did not build run their own forward"
+                                                 if patched else ""))
+
+
 def check_logprobs_mode(t: TrainerFacts, e: EngineFacts) -> Check:
     temp, transforms = e.sampler.temperature, e.sampler.transforms
     if e.logprobs_mode == "processed_logprobs":
@@ -106,6 +128,17 @@ def check_logprobs_mode(t: TrainerFacts, e: EngineFacts) -> Check:
                  + (f" with {', '.join(transforms)}" if transforms else "")
                  + ": they ignore the sampler, so ratios compare different distributions",
                  "set logprobs_mode: processed_logprobs")
+
+
+def check_attention(t: TrainerFacts, e: EngineFacts) -> Check | None:
+    """The trainer's attention implementation computes what the model's config asks (vLLM always does): transformers'
+    sdpa attention ignores attention soft-capping, which only its eager path applies (Gemma 2). None when the model
+    has nothing an implementation could leave out."""
+    if not t.attention_dropped:
+        return None
+    return Check("attention", False, f"the trainer's attention leaves out what vLLM applies: {t.attention_dropped}",
+                 "load the policy with eager attention (model_init_kwargs: {attn_implementation: eager}; trl-correct "
+                 "does so when attn_implementation is not set)")
 
 
 def check_dtype(t: TrainerFacts, e: EngineFacts) -> Check:
@@ -205,8 +238,11 @@ def check_async_scheduling(t: TrainerFacts, e: EngineFacts) -> Check:
                  "set async_scheduling off (trl-correct builds the engine with it off)" if on else "")
 
 
-STATIC_CHECKS = (check_logprobs_mode, check_dtype, check_lm_head_dtype, check_sampler, check_generation_config,
-                 check_prefix_cache, check_dropout, check_bit_exact, check_async_scheduling)
+STATIC_CHECKS = (check_architecture, check_logprobs_mode, check_dtype, check_lm_head_dtype, check_attention,
+                 check_sampler, check_generation_config, check_prefix_cache, check_dropout, check_bit_exact,
+                 check_async_scheduling)
+# A failing check of these means the trainer cannot even run its side of the probe next to this engine.
+BLOCKING = ("architecture",)
 
 
 def static_checks(t: TrainerFacts, e: EngineFacts) -> list[Check]:

@@ -12,9 +12,9 @@ import types
 from contextlib import nullcontext
 
 import torch
-from trl.trainer.utils import FusedCausalLMOutput
 
 from .sampler import VLLM_V1_ORDER, SamplerSpec, history, token_logprobs
+from .trl_api import FusedCausalLMOutput
 
 
 def why_unreproducible(model, spec: SamplerSpec) -> str | None:

@@ -11,16 +11,16 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from accelerate.utils import gather_object
-from trl.trainer.utils import add_fused_lm_head, pad
 
 from .audit import (AUDIT_SCALES, generated_rows, loss_audit, padded_batch, quiet_trackers, self_consistency,
                     token_identity)
 from .calibrate import CAPS, Calibration, calibrate
-from .gate import (LINEAR_LOSS_TYPES, Check, GateReport, clip_check, loss_audit_check, mismatch_check, non_finite_check,
-                   reset_check, self_consistency_check, stale_cache_check, static_checks, support_check,
-                   temperature_check, token_identity_check)
+from .gate import (BLOCKING, LINEAR_LOSS_TYPES, Check, GateReport, clip_check, loss_audit_check, mismatch_check,
+                   non_finite_check, reset_check, self_consistency_check, stale_cache_check, static_checks,
+                   support_check, temperature_check, token_identity_check)
 from .head import add_processed_head
 from .numerics import measure, summarize_gaps, valid_gaps
+from .trl_api import add_fused_lm_head, pad, pad_token_id, score
 from .weights import scoring_model
 
 PROBE_SEED = 1234
@@ -120,11 +120,10 @@ class GateRunner:
     def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]):
         """Trainer logprobs of `completion_ids` after `prompt_ids`, through TRL's own scoring path.
         Returns (trainer_logprobs [B, T], mask [B, T])."""
-        b = padded_batch(prompt_ids, completion_ids, self._tokenizer.pad_token_id, self.accelerator.device)
+        b = padded_batch(prompt_ids, completion_ids, pad_token_id(self), self.accelerator.device)
         ids = torch.cat([b["prompt_ids"], b["completion_ids"]], 1)
         attn = torch.cat([b["prompt_mask"], b["completion_mask"]], 1)
-        lps, _, _ = self._get_per_token_logps_and_entropies(self.model, ids, attn, b["completion_ids"].size(1),
-                                                            batch_size=self.args.per_device_train_batch_size)
+        lps, _, _ = score(self, ids, attn, b["completion_ids"].size(1), self.args.per_device_train_batch_size)
         return lps.float(), b["completion_mask"]
 
     # -- floors and calibration ------------------------------------------------------------------------------------
@@ -248,7 +247,8 @@ class GateRunner:
             checks.append(reset_check(self.engine.last_reset_ok))
         if due("weight_sync", when, caching) and self.args.verify_weight_sync:
             checks.append(self.last_sync_check)
-        if due("probe", when, caching):
+        blocked = [c.name for c in checks if not c.passed and c.name in BLOCKING]
+        if due("probe", when, caching) and not blocked:
             probe = self.probe()
             consistency = None
             if due("calibration", when, caching):

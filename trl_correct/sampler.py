@@ -4,7 +4,7 @@ distribution the engine sampled from (vLLM's `processed_logprobs`).
 Pure torch; knows nothing of vLLM or TRL. The engine adapter (engine.py) says which order the installed vLLM applies
 the transforms in (`SamplerSpec.order`); the trainer (head.py) feeds hidden states and token histories in.
 
-vLLM V1 (0.26-0.31, read from vllm/v1/sample/sampler.py): logits in fp32 -> penalties (repetition over prompt and
+vLLM V1 (0.26-0.33, read from vllm/v1/sample/sampler.py): logits in fp32 -> penalties (repetition over prompt and
 output tokens, frequency and presence over output tokens) -> divide by temperature -> min_p -> top_k -> top_p ->
 log_softmax over the kept tokens. A token outside the kept set has logprob -inf on the engine side; here it gets
 `OUTSIDE_LOGPROB` (finite, so a loss never turns NaN) and is reported by `in_support`.

@@ -5,17 +5,23 @@
 
 `model_name_or_path` is a local HF model directory, a hub name (when the user has it), or `trl-correct/tiny` (the
 embedded model, built and cached on first use). `dataset_name` is a local dataset (directory, or .json/.jsonl/.csv/
-.parquet file with a `prompt` column), a hub name, or `trl-correct/tiny-prompts`.
+.parquet file with a `prompt` column), a hub name, or `trl-correct/tiny-prompts`. After training the model is saved
+into `output_dir` with its parity certificate (correctness_certificate.json) and model card (README.md); `trl-correct
+verify OUTPUT_DIR` re-checks it.
 """
 
 import importlib
+import logging
 import os
+import sys
 from dataclasses import dataclass, field
 
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from .config import CorrectGRPOConfig
 from .tiny import TINY_MODEL, TINY_PROMPTS, tiny_model_dir, tiny_prompts
+
+logger = logging.getLogger("trl_correct")
 
 
 @dataclass
@@ -73,11 +79,34 @@ def resolve_model(name: str | None) -> str:
     return name
 
 
+def given(argv: list[str] | None, name: str) -> bool:
+    """Whether `name` was set by a flag (--name v, --name=v) or in the --config recipe."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv):
+        return True
+    for i, a in enumerate(argv):
+        path = argv[i + 1] if a == "--config" and i + 1 < len(argv) else a.removeprefix("--config=")
+        if (a == "--config" or a.startswith("--config=")) and os.path.isfile(path):
+            import yaml
+
+            with open(path) as f:
+                recipe = yaml.safe_load(f)
+            return isinstance(recipe, dict) and name in recipe
+    return False
+
+
 def build_trainer(argv: list[str] | None = None):
     """Parse a recipe plus flags (as the main job does) and build the trainer; nothing is trained yet."""
     parser = TrlParser((TrainScriptArguments, CorrectGRPOConfig, ModelConfig))
     script_args, args, model_args = parser.parse_args_and_config(args=argv)
     from .trainer import CorrectGRPOTrainer
+
+    if model_args.use_peft and not given(argv, "lora_dropout") and model_args.lora_dropout:
+        # TRL's ModelConfig defaults to 0.05, which makes the trainer's logprobs random draws once the adapter is
+        # non-zero (gate cause `dropout`); a value the user sets is kept, and the gate names it
+        logger.info("trl-correct: lora_dropout %g -> 0 (not set: TRL's default would make the trainer's logprobs "
+                    "random draws)", model_args.lora_dropout)
+        model_args.lora_dropout = 0.0
 
     init = dict(args.model_init_kwargs or {})
     if model_args.dtype is not None:
@@ -92,6 +121,7 @@ def main(argv: list[str] | None = None):
     trainer = build_trainer(argv)
     resume = trainer.args.resume_from_checkpoint  # a checkpoint folder, or "true": the output_dir's last one
     trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
+    trainer.save_model()  # the final model, with its certificate and model card, into output_dir
     return trainer
 
 

@@ -5,6 +5,9 @@ Overrides (each calls super() and post-processes):
 - train: runs the gate before step 0 (on a resume: after loading the checkpoint's weights and gate history), switches
   TIS on only if it passes, writes correctness_report.json at the end.
 - _save_checkpoint: adds the gate state (correctness_state.json) to every TRL checkpoint.
+- save_model: after the weights, writes the parity certificate (correctness_certificate.json, fingerprinting the weights
+  the engine receives) and the model card's "Training correctness" section into the folder (certificate.py): the final
+  model and, through TRL's `_save_checkpoint`, every checkpoint.
 - _generate_and_score_completions: at a new optimizer step, first syncs the engine itself and runs the after-sync
   checks (probe.SCHEDULE) with the policy, so TRL's own sync finds nothing to do; then measures mismatch on the real
   batch (before truncation too), drops non-finite and out-of-support tokens from the loss, checks the scored token
@@ -23,10 +26,10 @@ import os
 import warnings
 
 import torch
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import GRPOTrainer
 
-from .audit import dropout_sources
+from . import certificate
+from .audit import attention_default, attention_dropped, dropout_sources
 from .calibrate import calibrate
 from .config import CorrectGRPOConfig
 from .engine import Engine, EngineSettings, sampler_order
@@ -36,6 +39,9 @@ from .gate import (Check, GateFailure, GateReport, clip_check, mismatch_check, m
 from .head import add_processed_head, why_unreproducible
 from .numerics import RATIO_KEYS, is_weights, measure
 from .probe import PAST_BLOCK_TOKENS, GateRunner
+from .trl_api import (METRIC_LENGTH, METRIC_REWARD, PREFIX_CHECKPOINT_DIR, building_without_trl_engine, dist,
+                      engine_current, get_last_checkpoint, mark_engine_current, metrics, tokenize_prompts,
+                      version_guard)
 from .weights import policy_weights, scoring_model
 
 logger = logging.getLogger("trl_correct")
@@ -45,6 +51,8 @@ METRIC_KEYS = ("mean_abs_logprob_diff", "p99_abs_logprob_diff", "max_abs_logprob
 
 
 class CorrectGRPOTrainer(GateRunner, GRPOTrainer):
+    _tag_names = [*GRPOTrainer._tag_names, "trl-correct"]  # TRL's model card lists them as tags
+
     def __init__(self, model, reward_funcs, args: CorrectGRPOConfig | None = None, **kwargs):
         if not isinstance(args, CorrectGRPOConfig):
             raise TypeError("args must be a CorrectGRPOConfig (trl_correct.CorrectGRPOConfig), got "
@@ -55,13 +63,17 @@ class CorrectGRPOTrainer(GateRunner, GRPOTrainer):
         if self.sampler_defaults_applied:
             logger.info("trl-correct: sampler settings from the model's generation_config: %s",
                         self.sampler_defaults_applied)
-        args.use_vllm = False  # the parent would build stock TRL's engine; ours replaces it below
-        try:
+        if isinstance(model, str):
+            init = dict(args.model_init_kwargs or {})
+            args.model_init_kwargs = attention_default(model, init, args.trust_remote_code)
+            if args.model_init_kwargs != init:
+                logger.info("trl-correct: attn_implementation eager (not set: the model soft-caps its attention, which "
+                            "transformers' default sdpa ignores)")
+        with building_without_trl_engine(args):  # the parent would build stock TRL's engine; ours replaces it below
             super().__init__(model, reward_funcs, args=args, **kwargs)
-        finally:
-            args.use_vllm = True
         self.use_vllm = True
-        if self._dist.fsdp_version == 1:
+        version_guard(self)
+        if dist(self).fsdp_version == 1:
             raise ValueError("fsdp_version=1 is invalid: trl-correct gathers sharded weights for the engine under "
                              "FSDP2 and DeepSpeed ZeRO-3; use accelerate_configs/fsdp2.yaml (fsdp_version: 2)")
         self.sampler = args.sampler_spec(order=sampler_order())  # one spec: engine and trainer both use it
@@ -97,7 +109,7 @@ class CorrectGRPOTrainer(GateRunner, GRPOTrainer):
                              world_size=self.accelerator.num_processes)
         self.engine.verify_after_sync = self.args.verify_weight_sync
         self.vllm_generation = self.engine  # TRL's loop calls generate() on it (and sync_weights(), see sync_engine)
-        self._last_loaded_step = -1
+        mark_engine_current(self, False)
 
     # -- hooks -----------------------------------------------------------------------------------------------------
     def engine_settings(self) -> EngineSettings:
@@ -119,7 +131,7 @@ class CorrectGRPOTrainer(GateRunner, GRPOTrainer):
         base weights with the adapters' deltas added, weights.py)."""
         if getattr(self, "_unwrapped", (None,))[0] is not self.model:  # unwrap_model reads package metadata: 2 ms
             self._unwrapped = (self.model, self.accelerator.unwrap_model(self.model))
-        return policy_weights(self._unwrapped[1], self._dist)
+        return policy_weights(self._unwrapped[1], dist(self))
 
     def trainer_facts(self) -> TrainerFacts:
         """The trainer's side of the static checks: dtypes and the sampler transform its logprobs are taken under
@@ -128,14 +140,14 @@ class CorrectGRPOTrainer(GateRunner, GRPOTrainer):
             compute_dtype=self.compute_dtype, head_dtype="float32" if self.args.fp32_lm_head else self.compute_dtype,
             fp32_lm_head=self.args.fp32_lm_head, sampler=self.sampler, sampler_unsupported=self.sampler_unsupported,
             sampler_defaults_applied=dict(self.sampler_defaults_applied),
-            dropout=tuple(dropout_sources(self.accelerator.unwrap_model(self.model))), bit_exact=self.args.bit_exact)
+            dropout=tuple(dropout_sources(self.accelerator.unwrap_model(self.model))), bit_exact=self.args.bit_exact,
+            attention_dropped=attention_dropped(self.accelerator.unwrap_model(self.model)))
 
     def probe_prompts(self) -> list[list[int]]:
         """Token ids of the probe prompts: the first `probe_size` training prompts. With prefix caching on, each
         is lengthened past one KV block so a stale cached block would be reused (and caught)."""
         rows = [self.train_dataset[i]["prompt"] for i in range(min(self.args.probe_size, len(self.train_dataset)))]
-        ids, _, _ = self._tokenize_prompts(rows)
-        ids = [list(p) for p in ids]
+        ids = [list(p) for p in tokenize_prompts(self, rows)]
         if self.engine.settings.enable_prefix_caching:
             filler = [t for p in ids for t in p]
             need = self.engine.facts().block_size + PAST_BLOCK_TOKENS
@@ -187,7 +199,7 @@ class CorrectGRPOTrainer(GateRunner, GRPOTrainer):
         (inside generation) then finds the engine current and does nothing."""
         count = self.engine.sync_count
         stale = self.engine.sync_weights()
-        self._last_loaded_step = self.state.global_step
+        mark_engine_current(self)
         if self.engine.sync_count == count:  # nothing was streamed: whatever it answered, the engine is as it was
             self.last_sync_check = missed_sync_check(self.state.global_step, self._synced_step, called=True)
         else:
@@ -247,6 +259,10 @@ class CorrectGRPOTrainer(GateRunner, GRPOTrainer):
             with open(os.path.join(folder, STATE_FILE), "w") as f:
                 json.dump(self.gate_state(), f, indent=2, default=str)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call=_internal_call)
+        certificate.write(self, output_dir or self.args.output_dir)  # every rank: reading sharded weights is collective
+
     def _restore(self, checkpoint: str) -> None:
         """Load the checkpoint's weights now (so the gate syncs and probes what training resumes from) and its gate
         history. TIS stays off: only the gate that follows can switch it back on."""
@@ -267,7 +283,7 @@ class CorrectGRPOTrainer(GateRunner, GRPOTrainer):
         self.tis_enabled = False
 
     def _generate_and_score_completions(self, inputs):
-        if self.model.training and self.state.global_step != self._last_loaded_step:
+        if self.model.training and not engine_current(self):
             self._sync_and_check()
         out = super()._generate_and_score_completions(inputs)
         sampled = self.engine.take_sampled()
@@ -299,13 +315,14 @@ class CorrectGRPOTrainer(GateRunner, GRPOTrainer):
         gate_passed = bool(self.gate_report and self.gate_report.passed and check.passed and not failed)
         record = {"step": step, "tis_enabled": self.tis_enabled, "gate_passed": gate_passed,
                   **{k: stats[k] for k in METRIC_KEYS}, "n_tokens": stats["n_tokens"], "n_nonfinite": n_nonfinite}
-        for ours, trl_key in (("reward", "reward"), ("completion_length", "completions/mean_length")):
-            if self._metrics["train"].get(trl_key):  # TRL appended this batch's value (all ranks) during super()
-                record[ours] = self._metrics["train"][trl_key][-1]
+        trl_metrics = metrics(self)["train"]
+        for ours, trl_key in (("reward", METRIC_REWARD), ("completion_length", METRIC_LENGTH)):
+            if trl_metrics.get(trl_key):  # TRL appended this batch's value (all ranks) during super()
+                record[ours] = trl_metrics[trl_key][-1]
         self.step_records.append(record)
         for k in ("gate_passed", "tis_enabled", *METRIC_KEYS):
             name = f"correct/ratio/{k.removeprefix('ratio_')}" if k in RATIO_KEYS else f"correct/{k}"
-            self._metrics["train"][name].append(float(record[k]))
+            trl_metrics[name].append(float(record[k]))
         return out
 
     def _token_identity(self, out: dict, sampled: dict, label: str) -> Check:
