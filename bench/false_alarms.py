@@ -4,6 +4,7 @@ figures for comparison.
 
     python bench/false_alarms.py [--model tiny|qwen2.5-0.5b|qwen3-0.6b|DIR] [--bf16] [--seeds 3] [--steps 7]
                                  [--completions 8] [--tokens 256] [--large 0] [--no-append]
+                                 [--reuse DIR]
 
 Each seed runs in its own process: build the trainer (CorrectGRPOTrainer defaults; T = 0.9; completions x tokens per
 step), run the gate and `--steps` real GRPO steps under `gate: enforce` (a false alarm raises and is recorded). Then
@@ -94,19 +95,26 @@ def main() -> None:
     ap.add_argument("--large", type=int, default=0, help="completions of one extra, large batch (0: none)")
     ap.add_argument("--kv_gib", type=float, default=4.0)
     ap.add_argument("--no-append", action="store_true")
+    ap.add_argument("--reuse", help="a directory of earlier seeds' results (N.json): those seeds are not run again")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         return child(a)
-    tmp = tempfile.mkdtemp(prefix="false-alarms-")
+    tmp = a.reuse or tempfile.mkdtemp(prefix="false-alarms-")
+    print(f"results in {tmp}", flush=True)
     flags = ["--model", a.model, "--steps", str(a.steps), "--completions", str(a.completions), "--tokens",
              str(a.tokens), "--large", str(a.large), "--kv_gib", str(a.kv_gib), *(["--bf16"] if a.bf16 else [])]
     runs = []
     for seed in range(a.seeds):
         path = os.path.join(tmp, f"{seed}.json")
-        runs.append(run_child([__file__, "--child", "--seed", str(seed), "--out", path, *flags], path, f"seed {seed}"))
+        if os.path.exists(path):
+            with open(path) as f:
+                runs.append(json.load(f))
+        else:
+            runs.append(run_child([__file__, "--child", "--seed", str(seed), "--out", path, *flags], path,
+                                  f"seed {seed}"))
         r = runs[-1]
         print(f"seed {seed}: {'FALSE ALARM ' + str(r['alarm']['causes']) if r['alarm'] else 'clean'}; "
               f"{len(r['steps'])} batches", flush=True)
