@@ -64,6 +64,27 @@ def train_and_measure(trainer) -> tuple[float, list[float]]:
     return (after - before).abs()[mask.bool()].max().item(), [r["max_abs_logprob_diff"] for r in trainer.step_records]
 
 
+MAIN_JOB_SAVE_EVERY = 10  # recipes/tiny.yaml runs 30 steps: checkpoints 10, 20, 30
+
+
+@pytest.fixture(scope="session")
+def main_job(tmp_path_factory):
+    """The main job exactly as the README runs it (accelerate launch, the tiny recipe), with checkpoints: its
+    output_dir. Shared by tests/test_main_job.py (the gate and the reward) and tests/test_certificate.py."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, bin_dir = Path(__file__).resolve().parents[1], Path(sys.executable).parent
+    out = tmp_path_factory.mktemp("main-job") / "run"
+    p = subprocess.run([str(bin_dir / "accelerate"), "launch", "--config_file", "accelerate_configs/cpu.yaml", "-m",
+                        "trl_correct.train", "--config", "recipes/tiny.yaml", "--output_dir", str(out),
+                        "--save_strategy", "steps", "--save_steps", str(MAIN_JOB_SAVE_EVERY)],
+                       cwd=root, capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return out
+
+
 @pytest.fixture(scope="session")
 def tied_dir(tiny_dir, tmp_path_factory):
     """The tiny model with tied input/output embeddings, as most small Qwen2.5/Qwen3 checkpoints have."""

@@ -1,6 +1,6 @@
 """The parity certificate travels with the model, and `trl-correct verify` re-checks it, on the real engine.
 
-One short main job (the tiny recipe, checkpoints every 3 steps) is shared by the tests that read its output: the
+The main job (conftest `main_job`: the README's command, 30 steps, checkpoints every 10) is shared by the tests that read its output: the
 certificate is in the final model folder and in every checkpoint, validates against the packaged schema, and its
 weight fingerprint is that of the safetensors on disk; `trl-correct verify` holds on it (exit 0), names the weight
 group after one element of a saved weight is moved by one ulp (exit 1), and finds no certificate in a plain model
@@ -20,13 +20,14 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
+from conftest import MAIN_JOB_SAVE_EVERY
 from trl_correct import certificate
 from trl_correct.cli import main as cli
 from trl_correct.faults import inject
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-STEPS, SAVE_EVERY = 6, 3
+STEPS, SAVE_EVERY = 30, MAIN_JOB_SAVE_EVERY
 VICTIM = "model.layers.0.mlp.down_proj.weight"  # the saved weight one test moves by one ulp
 
 
@@ -47,19 +48,8 @@ def schema_errors(cert: dict) -> list[str]:
     return [e.message for e in jsonschema.Draft202012Validator(certificate.schema()).iter_errors(cert)]
 
 
-@pytest.fixture(scope="module")
-def main_job(tmp_path_factory):
-    """The tiny main job, as a user runs it, with checkpoints: its output_dir."""
-    out = tmp_path_factory.mktemp("certificate") / "run"
-    p = subprocess.run([str(BIN / "trl-correct"), "train", "--config", "recipes/tiny.yaml", "--output_dir", str(out),
-                        "--max_steps", str(STEPS), "--save_strategy", "steps", "--save_steps", str(SAVE_EVERY)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-4000:]
-    return out
-
-
 def test_main_job_certifies_the_final_model_and_every_checkpoint(main_job):
-    folders = [main_job, main_job / "checkpoint-3", main_job / "checkpoint-6"]
+    folders = [main_job, *(main_job / f"checkpoint-{s}" for s in range(SAVE_EVERY, STEPS + 1, SAVE_EVERY))]
     certs = [certificate.load(str(f)) for f in folders]
     for folder, cert in zip(folders, certs):
         assert cert is not None, f"no certificate in {folder}"
@@ -71,10 +61,11 @@ def test_main_job_certifies_the_final_model_and_every_checkpoint(main_job):
         assert "## Training correctness" in card and "**Verdict: PASS**" in card
         assert "[correctness_certificate.json](correctness_certificate.json)" in card
         assert "trained using [TRL]" in card and "- trl-correct" in card  # TRL's own card is kept, tagged
-    final, at3 = certs[0], certs[1]
-    assert final["model"]["global_step"] == STEPS and at3["model"]["global_step"] == 3
-    assert final["run"]["steps"] == STEPS and final["run"]["steps_tis_on"] == STEPS and at3["run"]["steps"] == 3
-    assert final["weights"]["digest"] != at3["weights"]["digest"]  # training moved the weights between the saves
+    final, first = certs[0], certs[1]
+    assert final["model"]["global_step"] == STEPS and first["model"]["global_step"] == SAVE_EVERY
+    assert final["run"]["steps"] == STEPS and final["run"]["steps_tis_on"] == STEPS
+    assert first["run"]["steps"] == SAVE_EVERY
+    assert final["weights"]["digest"] != first["weights"]["digest"]  # training moved the weights between the saves
     mean = final["run"]["mismatch"]["mean_abs_logprob_diff"]
     assert 0 < mean["min"] <= mean["p50"] <= mean["max"] < final["thresholds"]["mean_abs_logprob_diff"], mean
     t, e = final["settings"]["trainer"], final["settings"]["engine"]
