@@ -1,11 +1,12 @@
 """The parity certificate travels with the model, and `trl-correct verify` re-checks it, on the real engine.
 
-The main job (conftest `main_job`: the README's command, 30 steps, checkpoints every 10) is shared by the tests that read its output: the
-certificate is in the final model folder and in every checkpoint, validates against the packaged schema, and its
-weight fingerprint is that of the safetensors on disk; `trl-correct verify` holds on it (exit 0), names the weight
-group after one element of a saved weight is moved by one ulp (exit 1), and finds no certificate in a plain model
-folder (exit 2). A fault injected mid-run under `gate: warn` is on the certificate (step and cause) and the model card
-says steps ran uncorrected. Under LoRA the certificate covers base + adapter deltas, and verify loads both.
+The main job (conftest `main_job`: the README's command, 30 steps, checkpoints every 10) is shared by the tests that
+read its output: the certificate is in the final model folder and in every checkpoint, validates against the packaged
+schema, and its weight fingerprint is that of the safetensors on disk; `trl-correct verify` holds on it (exit 0),
+names the weight group after one element of a saved weight is moved by one ulp (exit 1), and finds no certificate in a
+plain model folder (exit 2). A fault injected mid-run under `gate: warn` is on the certificate (step and cause) and
+the model card says steps ran uncorrected. Under LoRA the certificate covers base + adapter deltas, and verify loads
+both.
 """
 
 import json
