@@ -52,6 +52,18 @@ def test_zero3_partitions_reach_the_engine_whole(tiny_dir):
     assert p.stdout.count("differing: []") == 2 and p.stdout.count("0 elements held locally") == 2, p.stdout
 
 
+def test_tensor_parallel_engine_group_verifies_each_shard_and_names_a_stale_rank(tiny_dir):
+    p = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29647",
+                        str(ROOT / "tests" / "_tp_colocate.py"), tiny_dir], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    out = p.stdout
+    assert out.count("gate PASS") == 2 and out.count("steps 2") == 2 and out.count("last sync ok") == 2, out
+    stale = "weight_sync FAILED: after sync #3 the engine differs from the trainer in 1 parameter group(s): rank 1 (TP " \
+            "group [0, 1]): model.layers.0.mlp.*.weight"
+    assert out.count(stale) == 2, out  # both ranks get the group's answer, naming the stale rank
+
+
 def test_sharded_config_on_a_cpu_is_a_one_line_error(tmp_path):
     with socket.socket() as sock:  # a free port: the default 29500 may still be held by an earlier launch
         sock.bind(("127.0.0.1", 0))

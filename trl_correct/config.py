@@ -157,10 +157,9 @@ class CorrectGRPOConfig(GRPOConfig):
         if tp < 1 or world % tp:
             bad("vllm_tensor_parallel_size", f"it must be >= 1 and divide the number of processes ({world}) into equal "
                                              "engine groups")
-        if tp > 1:
-            bad("vllm_tensor_parallel_size", "tensor-parallel engine groups are not supported yet (docs/SCALE.md: the "
-                                             "per-shard weight verification they need is designed, not built); use 1, "
-                                             "one whole-model engine per rank")
+        if tp > 1 and self.vllm_enable_sleep_mode:
+            bad("vllm_tensor_parallel_size", "a TP engine group with sleep mode is not verified yet; set "
+                                             "vllm_enable_sleep_mode false or vllm_tensor_parallel_size 1")
         if self.vllm_enable_sleep_mode and not _has_gpu():
             bad("vllm_enable_sleep_mode", "vLLM's CPU platform has no sleep mode (it frees GPU memory between "
                                           "generations); set it false on a CPU")

@@ -131,6 +131,12 @@ def _read_fingerprint(worker):  # runs in the vLLM worker (collective_rpc)
     return fp.engine_fingerprint(_model(worker))
 
 
+def _read_partitions(worker) -> tuple[dict, dict]:  # runs in the vLLM worker: how this TP rank's shards are cut
+    model = _model(worker)
+    parts = {name: part for name, m in model.named_modules() if (part := fp.partition(m)) is not None}
+    return parts, dict(getattr(model, "packed_modules_mapping", None) or {})
+
+
 def _refresh_shared(worker) -> None:  # runs in the vLLM worker (collective_rpc)
     fp.refresh_shared(_model(worker))
 
@@ -193,6 +199,14 @@ class Engine:
         self.sleeping = False  # level-2 sleep: the engine's weights are discarded until the next load
         self.sampled: dict = defaultdict(list)  # prompt ids -> completions sampled for it since the last take_sampled()
         s = settings
+        self.rank, self.tp_group, self.tp_ranks = rank, None, [rank]
+        if s.tensor_parallel_size > 1:  # consecutive ranks share one engine (as TRL's colocate mode groups them)
+            import torch.distributed as dist
+
+            tp = s.tensor_parallel_size
+            groups = [list(range(i, i + tp)) for i in range(0, world_size, tp)]
+            self.tp_group, _ = dist.new_subgroups_by_enumeration(groups)
+            self.tp_ranks = next(g for g in groups if rank in g)
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{s.cpu_kv_cache_gib:g}")
         kwargs = dict(model=s.model, dtype=s.dtype, logprobs_mode=s.logprobs_mode,
@@ -211,6 +225,8 @@ class Engine:
         with launcher_env(rank, world_size):
             self.llm = LLM(**kwargs)
         _, self.layout, self.head_source = self._rpc(_read_fingerprint)
+        if self.tp_group is not None:  # each rank holds a shard: the verification compares it with its own slice
+            self.layout["parts"], self.layout["packed_modules"] = self._rpc(_read_partitions)
         # before the trainer's first forward: vLLM may have patched the trainer's model class while building
         self.model_class, self.patched_classes = self._rpc(_keep_trainer_classes_uncompiled)
         self.generation_defaults = generation_defaults(s.model, s.trust_remote_code)  # read once: file I/O
@@ -320,9 +336,22 @@ class Engine:
         return self.last_sync_stale
 
     def verify(self, expected: dict) -> list[str]:
-        """Groups whose engine fingerprint differs from `expected` (or exists on one side only)."""
+        """Groups whose engine fingerprint differs from `expected` (or exists on one side only). In a TP group every
+        rank compares its own shard and gets the whole group's answer, each stale group named with its rank."""
         got, _, _ = self._rpc(_read_fingerprint)
-        return fp.stale_groups(got, expected)
+        stale = fp.stale_groups(got, expected)
+        if self.tp_group is None:
+            return stale
+        return [f"rank {r} (TP group {self.tp_ranks}): {g}" for r, groups in zip(self.tp_ranks, self._in_group(stale))
+                for g in groups]
+
+    def _in_group(self, obj) -> list:
+        """`obj` from every rank of this engine's TP group, in rank order."""
+        import torch.distributed as dist
+
+        out = [None] * len(self.tp_ranks)
+        dist.all_gather_object(out, obj, group=self.tp_group)
+        return out
 
     # -- generation ------------------------------------------------------------------------------------------------
     def sample(self, prompt_ids: list[list[int]], max_tokens: int | None = None, **overrides):
@@ -332,8 +361,15 @@ class Engine:
             if self.sleeping:  # level 2 discarded the weights: waking is not enough, they must be re-pushed
                 self.sync_weights()
             self.wake_up(tags=["kv_cache"])
-        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids],
+        mine = [list(p) for p in prompt_ids]
+        start, everyone = 0, mine
+        if self.tp_group is not None:  # one engine for the group: it generates every rank's prompts, each keeps its own
+            per_rank = self._in_group(mine)
+            start = sum(len(x) for x in per_rank[:self.tp_ranks.index(self.rank)])
+            everyone = [p for x in per_rank for p in x]
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in everyone],
                                  sampling_params=self.sampling_params(max_tokens, **overrides), use_tqdm=False)
+        outs = outs[start:start + len(mine)]
         if self.settings.enable_sleep_mode:
             self.sleep()
         ids, lps = [], []

@@ -39,6 +39,8 @@ class Fault:
         config = trainer.accelerator.unwrap_model(trainer.model).config.get_text_config()
         if self.name == "tied_head_stale" and not getattr(config, "tie_word_embeddings", False):
             return "the engine's lm_head has a weight of its own (no tied embedding to leave stale)"
+        if self.name == "stale_shard" and trainer.engine.tp_group is None:
+            return "no tensor-parallel engine group (vllm_tensor_parallel_size 1): every rank holds whole weights"
         if self.name == "sampler_filter_dropped" and not trainer.sampler.transforms:
             return "the sampler applies no filter (top_k/top_p/min_p) for the engine to drop"
         return None
@@ -142,6 +144,17 @@ def request_in_flight(engine, prompt_ids: list[int], max_tokens: int = 64):
             core.step()
 
 
+def _stale_shard(t):
+    # tensor parallelism: the last rank of each engine group skips one weight at every load (the first down_proj: an
+    # engine layer of its own, see _partial), so its shard stays as it was while the other ranks' shards update
+    if t.engine.rank != t.engine.tp_ranks[-1]:
+        return
+    names = [n for n, p in t.engine_weights() if p.dim() == 2 and "embed" not in n and "lm_head" not in n]
+    victim = next((n for n in names if "down_proj" in n), names[-1])
+    real = t.engine.load_weights
+    t.engine.load_weights = lambda pairs: real((n, x) for n, x in pairs if n != victim)
+
+
 def _wake_without_reload(t):
     # the engine is woken from level-2 sleep and the load that must follow is skipped: it computes with whatever the
     # re-mapped memory holds
@@ -228,6 +241,8 @@ FAULTS = {f.name: f for f in (
           "sync: vLLM refuses the reset", settings=_caching, live=_reset_refused),
     Fault("wake_without_reload", "weight_sync", "sleep mode: woken from level-2 sleep, weights never reloaded",
           live=_wake_without_reload, run_when_na=False),
+    Fault("stale_shard", "weight_sync", "tensor parallelism: one rank of the engine group keeps its old shard of one "
+          "weight", live=_stale_shard, run_when_na=False),
     Fault("correction_not_applied", "correction_not_applied", "the loss path drops the importance weights",
           live=_drop_ratio, moves_probe=False),
     Fault("temperature_twice", "temperature", "the trainer divides the logits by the temperature twice",

@@ -7,6 +7,10 @@ streams (`sent_fingerprint`, cast as the engine stores it); the engine side read
 model, a prepacked layer through the layer itself (`applied_weight`), plus the lm_head *as applied* (`HEAD_GROUP`,
 which catches a tied head left holding the old embedding). `stale_groups` compares the two.
 
+Under tensor parallelism each rank's engine holds a shard: `partition` (engine side) describes how vLLM's loaders cut
+each parallel module for this rank, and `shard_of` (trainer side) cuts the streamed tensor the same way, so each rank
+compares exactly what it holds with exactly the slice it should hold (a stale or misplaced shard is named per rank).
+
 Plain torch on nn.Modules: engine.py runs `engine_fingerprint` / `refresh_shared` inside the vLLM worker on its
 model; nothing here imports vLLM or knows TRL.
 """
@@ -55,15 +59,93 @@ HEAD_GROUP = "lm_head:effective"  # the head as the engine computes logits with 
 
 def sent_fingerprint(name: str, t: torch.Tensor, layout: dict, head_source: str | None) -> dict:
     """Fingerprint of one streamed tensor as the engine stores it (`layout`: what `engine_fingerprint` reported:
-    dtype per group and the groups read back through the identity); the tensor that feeds the engine's head also
-    counts for HEAD_GROUP (the applied head is W^T: the same bits)."""
+    dtype per group and the groups read back through the identity, plus, under tensor parallelism, `parts` and
+    `packed_modules`: see `partition`); the tensor that feeds the engine's head also counts for HEAD_GROUP (the
+    applied head is W^T: the same bits). Under tensor parallelism, of this rank's shard only."""
     dtypes, packed = layout["dtypes"], layout["packed"]
+    parts, packed_modules = layout.get("parts"), layout.get("packed_modules", {})
+    if parts:
+        t = shard_of(name, t, parts, packed_modules)
     fp = fingerprint([(name, t)], dtypes, packed)
     if name == head_source:
         g = group_of(name)
         same = dtypes.get(HEAD_GROUP) == dtypes.get(g) and (HEAD_GROUP in packed) == (g in packed)
         fp[HEAD_GROUP] = list(fp[g]) if same else fingerprint([(HEAD_GROUP, t)], dtypes, packed)[HEAD_GROUP]
     return fp
+
+
+# -- tensor parallelism ----------------------------------------------------------------------------------------------
+def partition(module) -> dict | None:
+    """How vLLM's loaders cut a checkpoint tensor for this module on this rank (None: the rank holds it whole). Read
+    from the module's own attributes (vLLM's linear and vocab-parallel layers), never from its class, so plain torch:
+    - `rows`: column-parallel (and merged column-parallel, `sizes` = the fused outputs): dim 0 in `size` chunks, this
+      rank's `rank`-th;
+    - `qkv`: q split by heads; k and v split too, or each KV head held by `kv_replicas` ranks (`kv_rank` = rank //
+      kv_replicas); `total` = the fused q/k/v sizes (a checkpoint that stores qkv fused, e.g. Phi-3);
+    - `cols`: row-parallel: dim 1 in `size` chunks (the bias whole);
+    - `vocab`: rows [start, end) of the vocabulary, zero-padded to `padded` rows."""
+    size = getattr(module, "tp_size", 1)
+    if size <= 1:
+        return None
+    rank = module.tp_rank
+    if hasattr(module, "shard_indices"):  # VocabParallelEmbedding / ParallelLMHead
+        si = module.shard_indices
+        return dict(kind="vocab", start=si.org_vocab_start_index, end=si.org_vocab_end_index,
+                    padded=module.num_embeddings_per_partition)
+    if hasattr(module, "num_kv_head_replicas"):  # QKVParallelLinear
+        q, kv, v = (module.num_heads * module.head_size, module.num_kv_heads * module.head_size,
+                    module.num_kv_heads * getattr(module, "v_head_size", module.head_size))
+        return dict(kind="qkv", rank=rank, size=size, q=q, kv=kv, v=v, kv_rank=rank // module.num_kv_head_replicas,
+                    total=[module.total_num_heads * module.head_size,
+                           module.total_num_kv_heads * module.head_size,
+                           module.total_num_kv_heads * getattr(module, "v_head_size", module.head_size)])
+    if getattr(module, "input_is_parallel", None) is not None:  # RowParallelLinear
+        return dict(kind="cols", rank=rank, size=size)
+    if hasattr(module, "output_sizes") or hasattr(module, "output_size_per_partition"):  # column-parallel
+        return dict(kind="rows", rank=rank, size=size, sizes=list(getattr(module, "output_sizes", None) or []))
+    return None
+
+
+def _chunk(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
+    n = t.shape[dim] // size
+    return t.narrow(dim, rank * n, n)
+
+
+def shard_of(name: str, t: torch.Tensor, parts: dict, packed_modules: dict) -> torch.Tensor:
+    """The slice of the checkpoint tensor `name` this rank's engine holds (`parts`: `partition` per vLLM module path;
+    `packed_modules`: the vLLM model's packed_modules_mapping, e.g. {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}).
+    A name whose module is not partitioned is held whole."""
+    module, _, leaf = name.rpartition(".")
+    part, index = parts.get(module), None
+    if part is None:
+        parent, _, child = module.rpartition(".")
+        for fused, members in packed_modules.items():
+            if child in members and f"{parent}.{fused}" in parts:
+                part, index = parts[f"{parent}.{fused}"], members.index(child)
+                break
+    if part is None:
+        return t
+    kind = part["kind"]
+    if kind == "vocab":
+        rows = t[part["start"]:part["end"]]
+        pad = part["padded"] - rows.shape[0]
+        return torch.cat([rows, rows.new_zeros((pad, *rows.shape[1:]))]) if pad > 0 else rows
+    if kind == "cols":
+        return _chunk(t, 1, part["rank"], part["size"]) if leaf == "weight" and t.dim() == 2 else t
+    if kind == "rows":
+        if index is None and len(part["sizes"]) > 1:  # fused in the checkpoint too (e.g. Phi-3's gate_up_proj)
+            return torch.cat([_chunk(x, 0, part["rank"], part["size"]) for x in t.split(part["sizes"])])
+        return _chunk(t, 0, part["rank"], part["size"])
+    if kind == "qkv":
+        pieces = t.split(part["total"]) if index is None else [t if i == index else None for i in range(3)]
+        out = []
+        for i, x in enumerate(pieces):
+            if x is None:
+                continue
+            n, r = (part["q"], part["rank"]) if i == 0 else (part["kv"] if i == 1 else part["v"], part["kv_rank"])
+            out.append(x.narrow(0, r * n, n))
+        return torch.cat(out)
+    return t
 
 
 def applied_weight(module, param: torch.Tensor) -> torch.Tensor:

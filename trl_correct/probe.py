@@ -248,6 +248,8 @@ class GateRunner:
         if due("weight_sync", when, caching) and self.args.verify_weight_sync:
             checks.append(self.last_sync_check)
         blocked = [c.name for c in checks if not c.passed and c.name in BLOCKING]
+        if self.accelerator.num_processes > 1:  # every rank probes or none does: the probe has collectives (a TP
+            blocked = sorted({b for r in gather_object([blocked]) for b in r})  # engine, the floors' max over ranks)
         if due("probe", when, caching) and not blocked:
             probe = self.probe()
             consistency = None

@@ -119,8 +119,11 @@ class CorrectGRPOTrainer(GateRunner, GRPOTrainer):
         return EngineSettings(
             model=model.name_or_path, dtype=self.compute_dtype if a.vllm_dtype == "auto" else a.vllm_dtype,
             logprobs_mode=a.logprobs_mode, enable_prefix_caching=a.enable_prefix_caching,
-            fp32_lm_head=a.fp32_lm_head, seed=self.accelerator.process_index, max_model_len=a.vllm_max_model_length,
-            max_num_seqs=max(a.probe_size, a.per_device_train_batch_size * a.steps_per_generation),
+            # the ranks of a TP group run one engine: the same seed, so they sample alike (as TRL seeds them)
+            fp32_lm_head=a.fp32_lm_head, seed=self.accelerator.process_index // a.vllm_tensor_parallel_size,
+            tensor_parallel_size=a.vllm_tensor_parallel_size, max_model_len=a.vllm_max_model_length,
+            max_num_seqs=max(a.probe_size, a.per_device_train_batch_size * a.steps_per_generation)
+            * a.vllm_tensor_parallel_size,
             gpu_memory_utilization=a.vllm_gpu_memory_utilization, trust_remote_code=a.trust_remote_code,
             enable_sleep_mode=a.vllm_enable_sleep_mode,
             cpu_kv_cache_gib=a.vllm_kv_cache_gib, sampler=self.sampler, max_tokens=self.max_completion_length,
