@@ -57,6 +57,17 @@ def due(group: str, when: str, caching: bool) -> bool:
     return when in runs or (caching and when == "sync" and "sync+caching" in runs)
 
 
+@contextmanager
+def _set_for_a_while(obj, name: str, value):
+    """`obj.name = value` inside the block, the old value restored after it (whatever happens inside)."""
+    saved = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, saved)
+
+
 @dataclass(frozen=True)
 class ProbeResult:
     """One probe: the engine sampled `completion_ids` after `prompt_ids` at `temperature`, the trainer scored them."""
@@ -127,16 +138,10 @@ class GateRunner:
         return lps.float(), b["completion_mask"]
 
     # -- floors and calibration ------------------------------------------------------------------------------------
-    @contextmanager
     def without_autocast(self):
         """TRL's scoring with accelerate's autocast off: the fp32 reference of a bf16/fp16 trainer with fp32
         weights."""
-        acc = self.accelerator
-        saved, acc.native_amp = acc.native_amp, False
-        try:
-            yield
-        finally:
-            acc.native_amp = saved
+        return _set_for_a_while(self.accelerator, "native_amp", False)
 
     def measure_floors(self, probe: ProbeResult) -> dict:
         """The noise floors of calibrate.py, on the probe's tokens and the trainer alone: its batch scored whole vs
@@ -280,14 +285,9 @@ class GateRunner:
             self.sync_engine()
             return self.gate_checks("start")
 
-    @contextmanager
     def gate_phase(self):
         """`in_gate` is true while a gate runs its own probes and audits (TRL's loss and generation included)."""
-        saved, self.in_gate = self.in_gate, True
-        try:
-            yield
-        finally:
-            self.in_gate = saved
+        return _set_for_a_while(self, "in_gate", True)
 
     def _merge(self, report: GateReport) -> GateReport:
         """One verdict for all ranks: the first failing rank's report, else this rank's."""
