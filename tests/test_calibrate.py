@@ -1,5 +1,7 @@
 """The calibration rule on hand-made floors: thresholds follow the measured floor, within the dtype's minimum and cap;
-the user's values win; without a floor the fixed values are used and said so; bit_exact means 0."""
+the user's values win; without a floor the fixed values are used and said so; bit_exact means 0. Then on the real
+engine (tiny model, bf16 on the CPU): a stale prefix cache, which moves the gap a few-fold, passes the fixed bf16
+thresholds and fails the calibrated ones, by the generic `mismatch` check, while the clean gate passes."""
 
 import pytest
 
@@ -74,3 +76,25 @@ def test_the_table_shows_floor_threshold_and_rule():
     table = GateReport((check,), {}, c.to_dict()).table()
     assert "[limits: mean 0.024" in table and "4 x floor 0.006 (trainer_vs_itself)" in table
     assert "catastrophic cap for bfloat16" in table and check.threshold["mean_abs_logprob_diff"] == 0.024
+
+
+def test_on_the_real_engine_calibration_names_a_few_fold_fault_the_fixed_values_let_through(make_trainer):
+    import copy
+
+    from trl_correct.faults import run_with_faults
+
+    trainer = make_trainer(bf16=True, use_cpu=True)
+    base = copy.deepcopy(trainer.engine.settings)
+    clean = trainer.full_gate()
+    calibrated, fixed = trainer.thresholds, calibrate({}, "bfloat16").values()
+    assert clean.report.passed, clean.report.table()
+    assert calibrated["mean_abs_logprob_diff"] < fixed["mean_abs_logprob_diff"], calibrated  # from the floors
+    run = run_with_faults(trainer, ["stale_prefix_cache"], base)
+    stale = run.report.mismatch
+    assert mismatch_check(stale, fixed).passed, stale  # the fixed bf16 values let it through ...
+    assert not mismatch_check(stale, trainer.thresholds).passed, stale  # ... the calibrated ones do not
+    assert "mismatch" in run.report.causes and "prefix_cache" in run.report.causes, run.report.table()
+    ratio = stale["mean_abs_logprob_diff"] / clean.report.mismatch["mean_abs_logprob_diff"]
+    print(f"\ncalibration on the real engine: clean mean {clean.report.mismatch['mean_abs_logprob_diff']:.3g}, stale "
+          f"cache mean {stale['mean_abs_logprob_diff']:.3g} ({ratio:.1f}x); calibrated mean threshold "
+          f"{trainer.thresholds['mean_abs_logprob_diff']:.3g}, fixed {fixed['mean_abs_logprob_diff']:.3g}")
