@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write the report as JSON here")
     ap.add_argument("--plot", help="write a PNG of |Δlogp| per setting here")
     ap.add_argument("--inject", action="append", default=[], choices=sorted(FAULTS), metavar="FAULT",
-                    help=f"run the gate with this fault present (repeatable): {', '.join(sorted(FAULTS))}")
+                    help=f"run the gate with this fault present (repeatable; with --calibrate: only these faults, not "
+                         f"every one that moves the probe): {', '.join(sorted(FAULTS))}")
     ap.add_argument("--selftest", action="store_true", help="clean run plus every fault; fails unless all are caught")
     ap.add_argument("--calibrate", action="store_true", help="measure the floors, derive the thresholds, show each "
                                                              "fault's margin over them, write a recipe snippet")

@@ -1,13 +1,13 @@
 """`trl-correct doctor --calibrate`: the gate's calibration on this model and machine, and what it buys.
 
-    trl-correct doctor --config RECIPE --calibrate [--yaml OUT.yaml] [--json OUT.json] [recipe flags]
+    trl-correct doctor --config RECIPE --calibrate [--yaml OUT.yaml] [--json OUT.json] [--inject FAULT ...] [flags]
 
 1. Builds the recipe's trainer and engine and runs the gate once, clean: the floors it calibrates from (the trainer
    against itself across batch shapes and, in bf16/fp16 with fp32 weights, against fp32) and the thresholds derived
    by calibrate.py's rule.
 2. Measures one more floor the gate itself does not use: the engine against itself (each probe prompt sampled alone
    vs in the batch). Where it is above the trainer's, the thresholds are derived again with it included.
-3. Injects each fault of faults.py that moves the probe (as --selftest does) and prints its figures, the margin over
+3. Injects each fault of faults.py that moves the probe (as --selftest does; only the `--inject` ones if given) and prints its figures, the margin over
    the calibrated thresholds (the largest of fault/threshold over mean, p99 and k3: > 1 means the generic
    mismatch check alone catches it) next to the same margin over the fixed per-dtype values, and whether the fault's
    own check named it.
@@ -73,7 +73,7 @@ def main(a, recipe_flags: list[str]) -> int:
     rows, ok = [], clean.report.passed
     for name, fault in FAULTS.items():
         why_not = fault.not_applicable(trainer)
-        if not fault.moves_probe or fault.trainer_flags or why_not:
+        if not fault.moves_probe or fault.trainer_flags or why_not or (a.inject and name not in a.inject):
             continue
         print(f"trl-correct doctor --calibrate: injecting {name} ...", file=sys.stderr, flush=True)
         run = run_with_faults(trainer, [name], base)
