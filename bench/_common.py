@@ -53,9 +53,9 @@ def _timed(owner, name: str, bucket: dict, key: str) -> None:
 
 def instrument(cost: dict) -> list[dict]:
     """Accumulate trl-correct's own work in `cost`: ours - trl = what CorrectGRPOTrainer adds around TRL's
-    generate-and-score; verify = the engine-side fingerprint; tap = the trainer-side fingerprint of the streamed
-    weights (every _fingerprint call outside verify). Returns the list that receives a copy of `cost` at the start
-    of every training step (for `own_work_per_step`)."""
+    generate-and-score; verify = the engine-side fingerprint and the comparison; tap = the trainer-side fingerprint
+    of the streamed weights (fingerprint.sent_fingerprint, as engine.py calls it). Returns the list that receives a
+    copy of `cost` at the start of every training step (for `own_work_per_step`)."""
     from trl import GRPOTrainer
 
     import trl_correct.engine as engine_mod
@@ -72,26 +72,7 @@ def instrument(cost: dict) -> list[dict]:
     CorrectGRPOTrainer._generate_and_score_completions = snapshot_first
     _timed(GRPOTrainer, "_generate_and_score_completions", cost, "trl")
     _timed(CorrectGRPOTrainer, "_generate_and_score_completions", cost, "ours")
-    inner, in_verify = engine_mod._fingerprint, []
-
-    def fingerprint(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            if not in_verify:
-                cost["tap"] = cost.get("tap", 0.0) + time.perf_counter() - t0
-
-    verify = engine_mod.Engine.verify
-
-    def flagged_verify(self, expected):
-        in_verify.append(True)
-        try:
-            return verify(self, expected)
-        finally:
-            in_verify.pop()
-
-    engine_mod._fingerprint, engine_mod.Engine.verify = fingerprint, flagged_verify
+    _timed(engine_mod.fp, "sent_fingerprint", cost, "tap")  # engine.py's tap: fp.sent_fingerprint per tensor
     _timed(engine_mod.Engine, "verify", cost, "verify")
     return snaps
 
