@@ -1,7 +1,8 @@
 """Run by tests/test_sharded.py under torchrun (2 CPU ranks): one tensor-parallel engine group of 2 (vLLM's
 external_launcher, one worker per rank) for the tiny model. The gate passes before step 0 and 2 GRPO steps follow
 at the fp32 floor, every sync verified shard by shard; then one rank is made to keep its old shard of one weight
-(fault `stale_shard`) and the next sync's check names that rank on both ranks; the gate re-run fails on it. Prints one line per rank."""
+(fault `stale_shard`) and the next sync's check names that rank on both ranks; the gate re-run fails on it. Prints
+one line per rank."""
 
 import os
 import sys

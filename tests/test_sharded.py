@@ -59,8 +59,8 @@ def test_tensor_parallel_engine_group_verifies_each_shard_and_names_a_stale_rank
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     out = p.stdout
     assert out.count("gate PASS") == 2 and out.count("steps 2") == 2 and out.count("last sync ok") == 2, out
-    stale = "weight_sync FAILED: after sync #3 the engine differs from the trainer in 1 parameter group(s): rank 1 (TP " \
-            "group [0, 1]): model.layers.0.mlp.*.weight"
+    stale = ("weight_sync FAILED: after sync #3 the engine differs from the trainer in 1 parameter group(s): rank 1 "
+             "(TP group [0, 1]): model.layers.0.mlp.*.weight")
     assert out.count(stale) == 2, out  # both ranks get the group's answer, naming the stale rank
 
 

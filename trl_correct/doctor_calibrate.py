@@ -7,10 +7,10 @@
    by calibrate.py's rule.
 2. Measures one more floor the gate itself does not use: the engine against itself (each probe prompt sampled alone
    vs in the batch). Where it is above the trainer's, the thresholds are derived again with it included.
-3. Injects each fault of faults.py that moves the probe (as --selftest does; only the `--inject` ones if given) and prints its figures, the margin over
-   the calibrated thresholds (the largest of fault/threshold over mean, p99 and k3: > 1 means the generic
-   mismatch check alone catches it) next to the same margin over the fixed per-dtype values, and whether the fault's
-   own check named it.
+3. Injects each fault of faults.py that moves the probe (as --selftest does; only the `--inject` ones if given) and
+   prints its figures, the margin over the calibrated thresholds (the largest of fault/threshold over mean, p99
+   and k3: > 1 means the generic mismatch check alone catches it) next to the same margin over the fixed per-dtype
+   values, and whether the fault's own check named it.
 4. Writes a recipe snippet (YAML) pinning the derived thresholds, with the floors and the rule as comments.
 
 Exit code: 0 when the clean gate passes and every applicable fault is named by its own cause, 1 otherwise.

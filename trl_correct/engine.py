@@ -54,13 +54,18 @@ VERIFIED_VLLM = ((0, 26), (0, 33))
 VERIFIED_COMPILE_DECORATOR = ((0, 31), (0, 33))
 
 
+def _read_in(version: str, releases: tuple) -> bool:
+    """Whether vLLM `version` (major.minor) lies in the (first, last) range of releases whose source was read."""
+    major_minor = tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
+    return releases[0] <= major_minor <= releases[1]
+
+
 def sampler_order(version: str | None = None) -> tuple:
     """The order the installed vLLM applies its sampler transforms in: penalties, temperature, the argmax-invariant
     processors (min_p), top-k then top-p (vllm/v1/sample/sampler.py, 0.26-0.33). For a release not read, a marker
     the trainer's transform does not implement, so a non-temperature sampler fails the gate instead of guessing."""
     version = version or _vllm_version()
-    major_minor = tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
-    if VERIFIED_VLLM[0] <= major_minor <= VERIFIED_VLLM[1]:
+    if _read_in(version, VERIFIED_VLLM):
         return VLLM_V1_ORDER
     return (f"unverified: vLLM {version}",)
 
@@ -275,9 +280,8 @@ class Engine:
             return None
         hf = self.llm.llm_engine.vllm_config.model_config.hf_config
         version = _vllm_version()
-        major_minor = tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
         unsupported = None
-        if self.patched_classes and not VERIFIED_COMPILE_DECORATOR[0] <= major_minor <= VERIFIED_COMPILE_DECORATOR[1]:
+        if self.patched_classes and not _read_in(version, VERIFIED_COMPILE_DECORATOR):
             unsupported = (f"vLLM {version}'s compile decorator has not been read, so trl-correct cannot vouch that "
                            "the trainer's instances still run their own forward")
         return TransformersBackend(architecture=", ".join(getattr(hf, "architectures", None) or [type(hf).__name__]),

@@ -102,14 +102,21 @@ def _logprob_bias(t):
     t.engine.sample = sample
 
 
-def _partial(t):
-    # the last 2-D weight that is not the embedding or head: a whole engine layer of its own in Llama/Qwen-style
+def _standalone_weights(t) -> list[str]:
+    # 2-D weights that are not the embedding or head; the last is a whole engine layer of its own in Llama/Qwen-style
     # models (mlp.down_proj), so it stays stale and valid. A weight fused with others (q_proj in qkv_proj) would leave
     # the fused layer half-loaded, which vLLM's layerwise reload fills with uninitialised memory.
-    names = [n for n, p in t.engine_weights() if p.dim() == 2 and "embed" not in n and "lm_head" not in n]
-    victim = names[-1]
+    return [n for n, p in t.engine_weights() if p.dim() == 2 and "embed" not in n and "lm_head" not in n]
+
+
+def _never_load(t, victim: str) -> None:
+    # every later load streams everything but `victim`, which stays as the engine holds it
     real = t.engine.load_weights
     t.engine.load_weights = lambda pairs: real((n, x) for n, x in pairs if n != victim)
+
+
+def _partial(t):
+    _never_load(t, _standalone_weights(t)[-1])
 
 
 def _lying_reset(t):
@@ -145,14 +152,12 @@ def request_in_flight(engine, prompt_ids: list[int], max_tokens: int = 64):
 
 
 def _stale_shard(t):
-    # tensor parallelism: the last rank of each engine group skips one weight at every load (the first down_proj: an
-    # engine layer of its own, see _partial), so its shard stays as it was while the other ranks' shards update
+    # tensor parallelism: the last rank of each engine group skips one weight at every load (the first down_proj),
+    # so its shard stays as it was while the other ranks' shards update
     if t.engine.rank != t.engine.tp_ranks[-1]:
         return
-    names = [n for n, p in t.engine_weights() if p.dim() == 2 and "embed" not in n and "lm_head" not in n]
-    victim = next((n for n in names if "down_proj" in n), names[-1])
-    real = t.engine.load_weights
-    t.engine.load_weights = lambda pairs: real((n, x) for n, x in pairs if n != victim)
+    names = _standalone_weights(t)
+    _never_load(t, next((n for n in names if "down_proj" in n), names[-1]))
 
 
 def _wake_without_reload(t):
