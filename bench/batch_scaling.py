@@ -1,7 +1,7 @@
 """The per-step decision does not grow with the batch: the same healthy run judged at ~1e3 and ~1e5 scored tokens per
 step, and each fault that moves the probe injected mid-run at both sizes.
 
-    python bench/batch_scaling.py [--model tiny] [--sizes 32x32,512x200] [--steps 3] [--bf16] [--no-append]
+    python bench/batch_scaling.py [--model qwen2-rand-2m] [--sizes 8x128,512x200] [--steps 3] [--bf16] [--no-append]
 
 For each size (completions x max tokens per step) one process per run: the gate (calibrated thresholds) and `--steps`
 GRPO steps under `gate: observe` (nothing stops the run; every batch's figures are recorded). Healthy: no fault. Then
@@ -57,8 +57,9 @@ def child(a) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="tiny")
-    ap.add_argument("--sizes", default="32x32,512x200")
+    ap.add_argument("--model", default="qwen2-rand-2m", help="bench/models.py; the default's completions run to the "
+                    "token limit (the tiny model's stop at EOS after a few dozen tokens, far from 1e5 a step)")
+    ap.add_argument("--sizes", default="8x128,512x200", help="completions x max tokens: 1,024 and 102,400 tokens")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--faults", default=",".join(FAULTS))
     ap.add_argument("--bf16", action="store_true")

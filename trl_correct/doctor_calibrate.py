@@ -83,7 +83,7 @@ def main(a, recipe_flags: list[str]) -> int:
         rows.append({"fault": name, **{k: m.get(k) for k in (*CALIBRATED, CAP_ONLY)}, "named": named,
                      "causes": run.report.causes, "margin_calibrated": _margin(m, cal) if m else None,
                      "margin_fixed": _margin(m, fixed) if m else None})
-    trainer.replace_engine(base)
+    # no engine rebuilt with `base` here: the process ends with this command, and each rebuild costs an engine's start
 
     print("\nfaults that move the probe: margin = largest fault/threshold over mean, p99, k3 (> 1: the generic "
           "mismatch check alone catches it)")
