@@ -34,6 +34,12 @@ def probe_moving() -> list[str]:
     return [n for n, f in FAULTS.items() if f.moves_probe and not f.trainer_flags]
 
 
+def on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def run_chunk(a, path: str, faults: list[str], work: str, flags: list[str]) -> dict:
     """One `doctor --calibrate` process for `faults` (its JSON is kept in `work` and reused on a rerun)."""
     out = os.path.join(work, "calibrate-" + "+".join(faults) + ".json")
@@ -43,7 +49,8 @@ def run_chunk(a, path: str, faults: list[str], work: str, flags: list[str]) -> d
     cmd = [sys.executable, "-m", "trl_correct.cli", "doctor", "--config", "recipes/tiny.yaml", "--calibrate",
            "--json", out, "--yaml", out[:-5] + ".yaml", "--model_name_or_path", path,
            "--output_dir", os.path.join(work, "run"), "--max_completion_length", "32", "--vllm_kv_cache_gib", "1",
-           *(["--bf16", "true", "--use_cpu", "true"] if a.bf16 else []), *flags]
+           *(["--bf16", "true"] if a.bf16 else []), *(["--use_cpu", "true"] if a.bf16 and not on_gpu() else []),
+           *flags]
     for f in faults:
         cmd += ["--inject", f]
     print(f"sensitivity: doctor --calibrate --inject {' '.join(faults)}", file=sys.stderr, flush=True)
@@ -114,7 +121,8 @@ def main() -> None:
                    f"{f['kl_k3']:.3g}" for n, f in floors.items() if isinstance(f, dict))
     notes = (f"Model `{a.model}`, {'bf16' if a.bf16 else 'fp32'}, probe 8 x 32 tokens, T = 0.9; {len(runs)} doctor "
              f"processes of at most {max(len(c) for c in chunks)} faults each (clean probe across them: mean "
-             f"{spread[keys[0]][0]:.3g}–{spread[keys[0]][1]:.3g}, k3 {spread[keys[2]][0]:.3g}–{spread[keys[2]][1]:.3g}; "
+             f"{spread[keys[0]][0]:.3g}–{spread[keys[0]][1]:.3g}, k3 "
+             f"{spread[keys[2]][0]:.3g}–{spread[keys[2]][1]:.3g}; "
              f"the clean row is the first's, its margin the largest). Floors: {fl}. Calibrated thresholds "
              f"(mean / p99 / k3): {th}; fixed: {fx}. Every applicable fault named by its own check: "
              f"**{'yes' if named_all else 'NO'}**."
