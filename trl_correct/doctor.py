@@ -6,9 +6,10 @@ on this machine that the gate catches every known fault.
 
 Builds the recipe's trainer and engine (no training), runs the gate clean, then once per ablated setting (each known
 fault of faults.py, plus async scheduling on), and prints one table. With --inject the report is the gate with those
-faults present. With --selftest every fault must be detected with its own cause. Exit code: 0 when the reported gate
-passes (--inject: when it fails with every injected fault's cause named; --selftest: clean passes and every
-applicable fault is detected with the right cause), 1 otherwise.
+faults present. With --selftest every fault must be detected with its own cause (--selftest --inject F ...: only those
+faults, each ablated alone). Exit code: 0 when the reported gate passes (--inject: when it fails with every injected
+fault's cause named; --selftest: clean passes and every applicable fault is detected with the right cause), 1
+otherwise.
 
 --calibrate (doctor_calibrate.py): measures the noise floors on this model and machine (the trainer against itself and,
 in bf16/fp16, against fp32 — what the gate calibrates from — plus the engine against itself across batch
@@ -148,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--inject", action="append", default=[], choices=sorted(FAULTS), metavar="FAULT",
                     help=f"run the gate with this fault present (repeatable; with --calibrate: only these faults, not "
                          f"every one that moves the probe): {', '.join(sorted(FAULTS))}")
-    ap.add_argument("--selftest", action="store_true", help="clean run plus every fault; fails unless all are caught")
+    ap.add_argument("--selftest", action="store_true", help="clean run plus every fault (with --inject: only those); "
+                                                            "fails unless all are caught")
     ap.add_argument("--calibrate", action="store_true", help="measure the floors, derive the thresholds, show each "
                                                              "fault's margin over them, write a recipe snippet")
     ap.add_argument("--yaml", default="calibration.yaml", help="with --calibrate: where the recipe snippet goes")
@@ -157,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         from .doctor_calibrate import main as calibrate_main
 
         return calibrate_main(a, recipe_flags)
-    if any(FAULTS[n].trainer_flags for n in a.inject):
+    subset = a.selftest and bool(a.inject)  # --selftest --inject F ...: the selftest over those faults only
+    if any(FAULTS[n].trainer_flags for n in a.inject) and not subset:
         ap.error("--inject: bf16_head_trainer_side changes how the trainer is built; run it with --selftest, or "
                  "pass --fp32_lm_head false yourself")
 
@@ -170,15 +173,17 @@ def main(argv: list[str] | None = None) -> int:
     recipe_argv = ["--config", a.config, *recipe_flags]
     trainer = build_trainer(recipe_argv)
     base = copy.deepcopy(trainer.engine.settings)
-    settings = list(FAULTS) + ["async_scheduling"] if (a.selftest or not a.inject) else []
-    with tqdm(total=1 + len(settings) + bool(a.inject), desc="probing default", file=sys.stderr) as progress:
+    listed = [f for f in FAULTS if f in a.inject] if subset else [*FAULTS, "async_scheduling"]
+    settings = listed if (a.selftest or not a.inject) else []
+    injected_gate = bool(a.inject) and not subset
+    with tqdm(total=1 + len(settings) + injected_gate, desc="probing default", file=sys.stderr) as progress:
         clean_run = trainer.full_gate()
         clean = clean_run.report
         rows = [_row("default (trl-correct)", clean_run), _floor_row(clean_run)]
         progress.update(1)
         rows += ablate(trainer, settings, base, progress, recipe_argv)
         report = clean
-        if a.inject:
+        if injected_gate:
             progress.set_description(f"probing with {'+'.join(a.inject)}")
             injected = run_with_faults(trainer, a.inject, base)
             report = injected.report
@@ -191,11 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table())
     print()
     print(table(rows))
-    ok = report.passed if not a.inject else all(FAULTS[n].cause in report.causes for n in a.inject)
+    ok = report.passed if not injected_gate else all(FAULTS[n].cause in report.causes for n in a.inject)
     if a.selftest:
         by_name = {r["setting"]: r for r in rows}
         out["selftest"] = []
         for name, fault in FAULTS.items():
+            if subset and name not in a.inject:
+                continue
             r = by_name[name]
             na = fault.not_applicable(trainer)
             detected = None if na else fault.cause in r["causes"]
