@@ -92,6 +92,8 @@ def main() -> None:
     ap.add_argument("--size", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.steps < 3:
+        ap.error(f"--steps {a.steps}: steps 0-1 are not timed (compile, first sync), so at least 3 are needed")
     if a.child:
         return child(a)
     out_dir = tempfile.mkdtemp(prefix="check-cost-")
