@@ -27,13 +27,6 @@ from _common import DOCS, append  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def probe_moving() -> list[str]:
-    """The faults `doctor --calibrate` injects by default: those that move the probe and leave the trainer as built."""
-    from trl_correct.faults import FAULTS
-
-    return [n for n, f in FAULTS.items() if f.moves_probe and not f.trainer_flags]
-
-
 def on_gpu() -> bool:
     import torch
 
@@ -41,11 +34,8 @@ def on_gpu() -> bool:
 
 
 def run_chunk(a, path: str, faults: list[str], work: str, flags: list[str]) -> dict:
-    """One `doctor --calibrate` process for `faults` (its JSON is kept in `work` and reused on a rerun)."""
+    """One `doctor --calibrate` process for `faults`; its JSON stays in `work`, where main() finds it on a rerun."""
     out = os.path.join(work, "calibrate-" + "+".join(faults) + ".json")
-    if os.path.exists(out):
-        print(f"sensitivity: reusing {out}", file=sys.stderr, flush=True)
-        return json.load(open(out))
     cmd = [sys.executable, "-m", "trl_correct.cli", "doctor", "--config", "recipes/tiny.yaml", "--calibrate",
            "--json", out, "--yaml", out[:-5] + ".yaml", "--model_name_or_path", path,
            "--output_dir", os.path.join(work, "run"), "--max_completion_length", "32", "--vllm_kv_cache_gib", "1",
@@ -77,7 +67,9 @@ def main() -> None:
     path = str(model_dir(a.model)) if not os.path.isdir(a.model) else a.model
     work = a.work or tempfile.mkdtemp(prefix="sensitivity-")
     os.makedirs(work, exist_ok=True)
-    wanted = a.inject or probe_moving()
+    from trl_correct.faults import calibration_faults
+
+    wanted = a.inject or calibration_faults()
     n = max(1, a.per_process)
     done = {}  # processes of an earlier run in `work`, whatever their chunking: their faults are not run again
     for name in sorted(os.listdir(work)):

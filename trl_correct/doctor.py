@@ -200,9 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.selftest:
         by_name = {r["setting"]: r for r in rows}
         out["selftest"] = []
-        for name, fault in FAULTS.items():
-            if subset and name not in a.inject:
-                continue
+        for name in (n for n in settings if n in FAULTS):  # the faults ablated above, in FAULTS' order
+            fault = FAULTS[name]
             r = by_name[name]
             na = fault.not_applicable(trainer)
             detected = None if na else fault.cause in r["causes"]

@@ -23,7 +23,7 @@ from datetime import date
 
 from .calibrate import CALIBRATED, CAP_ONLY, calibrate
 from .config import THRESHOLD_FIELDS
-from .faults import FAULTS, run_with_faults
+from .faults import FAULTS, calibration_faults, run_with_faults
 from .gate import SHORT
 
 
@@ -71,9 +71,10 @@ def main(a, recipe_flags: list[str]) -> int:
               f"{_fmt(fixed[k])} |")
 
     rows, ok = [], clean.report.passed
-    for name, fault in FAULTS.items():
+    for name in calibration_faults():
+        fault = FAULTS[name]
         why_not = fault.not_applicable(trainer)
-        if not fault.moves_probe or fault.trainer_flags or why_not or (a.inject and name not in a.inject):
+        if why_not or (a.inject and name not in a.inject):
             continue
         print(f"trl-correct doctor --calibrate: injecting {name} ...", file=sys.stderr, flush=True)
         run = run_with_faults(trainer, [name], base)

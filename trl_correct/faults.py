@@ -267,6 +267,12 @@ FAULTS = {f.name: f for f in (
 )}
 
 
+def calibration_faults() -> list[str]:
+    """The faults `doctor --calibrate` injects by default: those that move the probe and leave the trainer as built
+    (a fault with `trainer_flags` needs a second trainer)."""
+    return [n for n, f in FAULTS.items() if f.moves_probe and not f.trainer_flags]
+
+
 def inject(trainer, name: str, at_step: int | None = None):
     """Put fault `name` into a built trainer: now (returns the undo of a trainer-side fault, or None), or at the
     start of optimizer step `at_step` of its training (a callback; the gate before step 0 then runs clean)."""
