@@ -53,9 +53,11 @@ def _timed(owner, name: str, bucket: dict, key: str) -> None:
 
 def instrument(cost: dict) -> list[dict]:
     """Accumulate trl-correct's own work in `cost`: ours - trl = what CorrectGRPOTrainer adds around TRL's
-    generate-and-score; verify = the engine-side fingerprint and the comparison; tap = the trainer-side fingerprint
-    of the streamed weights (fingerprint.sent_fingerprint, as engine.py calls it). Returns the list that receives a
-    copy of `cost` at the start of every training step (for `own_work_per_step`)."""
+    generate-and-score; push = the whole weight sync (Engine.sync_weights: streaming the weights, the prefix-cache
+    reset and, when on, the verification; during training it runs inside ours - trl, since CorrectGRPOTrainer syncs
+    before TRL's loop, which then finds the engine current); verify = the engine-side fingerprint and the comparison;
+    tap = the trainer-side fingerprint of the streamed weights (fingerprint.sent_fingerprint, as engine.py calls it).
+    Returns the list that receives a copy of `cost` at the start of every training step (for `own_work_per_step`)."""
     from trl import GRPOTrainer
 
     import trl_correct.engine as engine_mod
@@ -74,16 +76,19 @@ def instrument(cost: dict) -> list[dict]:
     _timed(CorrectGRPOTrainer, "_generate_and_score_completions", cost, "ours")
     _timed(engine_mod.fp, "sent_fingerprint", cost, "tap")  # engine.py's tap: fp.sent_fingerprint per tensor
     _timed(engine_mod.Engine, "verify", cost, "verify")
+    _timed(engine_mod.Engine, "sync_weights", cost, "push")
     return snaps
 
 
 def own_work_per_step(cost: dict, snaps: list[dict], skip: int = 2) -> dict:
     """Seconds per step from step `skip` on (the gate before step 0 is left out): `batch` (checks and metrics on
-    each batch), `sync` (verifying the weight sync), `total`, and every raw bucket."""
+    each batch, the weight sync left out), `sync` (verifying the weight sync), `load` (the sync without its
+    verification: work stock TRL does too), `total` (batch + sync), and every raw bucket."""
     n = len(snaps) - skip
     d = {k: (v - snaps[skip].get(k, 0.0)) / n for k, v in cost.items()}
-    d["batch"] = d.get("ours", 0.0) - d.get("trl", 0.0)
     d["sync"] = d.get("tap", 0.0) + d.get("verify", 0.0)
+    d["load"] = d.get("push", 0.0) - d["sync"]
+    d["batch"] = d.get("ours", 0.0) - d.get("trl", 0.0) - d.get("push", 0.0)
     d["total"] = d["batch"] + d["sync"]
     return d
 

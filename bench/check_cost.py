@@ -9,7 +9,8 @@ its defaults and measures, from step 2 on:
 - step: TRL's `step_time` (generation, sync, scoring, checks, backward), median;
 - checks: trl-correct's own per-step work, split into the batch checks + metrics (what CorrectGRPOTrainer adds around
   TRL's generate-and-score: token identity, mismatch/ratio statistics, TIS weights, gathers) and the weight-sync
-  verification (trainer- and engine-side fingerprints), as in bench/vs_stock.py;
+  verification (trainer- and engine-side fingerprints), as in bench/vs_stock.py; the weight push itself (streaming
+  the weights into the engine, which stock TRL does too) is its own column, in neither;
 - gate: one full gate (sync, static checks, probe at T and at a second temperature, loss audit, self-consistency,
   token identity of a dry batch) with the probe sized like the batch (probe_size = completions, probe_tokens = max
   tokens), median of 2 runs after training; with `--probe default` the gate keeps its default probe, and the gate
@@ -72,6 +73,7 @@ def child(a) -> None:
         assert report.passed, report.table()
     with open(a.out, "w") as f:
         json.dump(dict(step=statistics.median(step_times(trainer)), batch=own["batch"], sync=own["sync"],
+                       load=own["load"], raw={k: own[k] for k in ("ours", "trl", "push", "tap", "verify") if k in own},
                        first_gate=first_gate, verify=a.verify,
                        tokens=statistics.mean(r["n_tokens"] for r in trainer.step_records[2:]),
                        gate=statistics.median(gate), params=sum(p.numel() for p in trainer.model.parameters()),
@@ -99,8 +101,8 @@ def main() -> None:
     out_dir = tempfile.mkdtemp(prefix="check-cost-")
     gate_col = "gate s (probe = batch)" if a.probe == "batch" else "gate s (default probe)"
     rows = ["| model | vocab | params | batch (completions x max tokens) | sync verification | scored tokens / step "
-            f"| step s | batch checks ms | sync verify ms | checks % of step | gate before step 0 s | {gate_col} |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            f"| step s | batch checks ms | sync verify ms | checks % of step | weight push ms | gate before step 0 s "
+            f"| {gate_col} |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     extra = ["--probe", a.probe, *(["--bf16"] if a.bf16 else [])]
     for model in a.models.split(","):
         for size in a.sizes.split(","):  # the first child builds the model if it is not cached yet
@@ -111,7 +113,8 @@ def main() -> None:
                 checks = r["batch"] + r["sync"]
                 rows.append(f"| {model} | {r['vocab']:,} | {r['params'] / 1e6:.2f}M | {size} | {verify} | "
                             f"{r['tokens']:.0f} | {r['step']:.3f} | {1e3 * r['batch']:.2f} | {1e3 * r['sync']:.2f} | "
-                            f"{100 * checks / r['step']:.1f} % | {r['first_gate']:.2f} | {r['gate']:.2f} |")
+                            f"{100 * checks / r['step']:.1f} % | {1e3 * r['load']:.2f} | {r['first_gate']:.2f} | "
+                            f"{r['gate']:.2f} |")
                 print(rows[-1], flush=True)
     dtype = "bf16" if a.bf16 else "fp32"
     append("Cost of the gate and the per-step checks vs batch and vocab size", "\n".join(rows),
