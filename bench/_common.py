@@ -53,11 +53,14 @@ def _timed(owner, name: str, bucket: dict, key: str) -> None:
 
 def instrument(cost: dict) -> list[dict]:
     """Accumulate trl-correct's own work in `cost`: ours - trl = what CorrectGRPOTrainer adds around TRL's
-    generate-and-score; push = the whole weight sync (Engine.sync_weights: streaming the weights, the prefix-cache
-    reset and, when on, the verification; during training it runs inside ours - trl, since CorrectGRPOTrainer syncs
-    before TRL's loop, which then finds the engine current); verify = the engine-side fingerprint and the comparison;
-    tap = the trainer-side fingerprint of the streamed weights (fingerprint.sent_fingerprint, as engine.py calls it).
-    Returns the list that receives a copy of `cost` at the start of every training step (for `own_work_per_step`)."""
+    generate-and-score; push = the weight sync CorrectGRPOTrainer makes before TRL's generation (its `sync_engine`:
+    streaming the weights, the prefix-cache reset and, when on, the verification; TRL's loop then finds the engine
+    current and skips its own), inside ours but outside trl, so it is taken out of the batch checks. It is timed on
+    the trainer's hook, not on Engine.sync_weights: with sleep mode on, the engine also re-pushes from inside TRL's
+    generation after each sleep, and that push belongs to trl, like stock TRL's own sync (its verification still
+    lands in tap/verify). verify = the engine-side fingerprint and the comparison; tap = the trainer-side fingerprint
+    of the streamed weights (fingerprint.sent_fingerprint, as engine.py calls it). Returns the list that receives a
+    copy of `cost` at the start of every training step (for `own_work_per_step`)."""
     from trl import GRPOTrainer
 
     import trl_correct.engine as engine_mod
@@ -76,14 +79,15 @@ def instrument(cost: dict) -> list[dict]:
     _timed(CorrectGRPOTrainer, "_generate_and_score_completions", cost, "ours")
     _timed(engine_mod.fp, "sent_fingerprint", cost, "tap")  # engine.py's tap: fp.sent_fingerprint per tensor
     _timed(engine_mod.Engine, "verify", cost, "verify")
-    _timed(engine_mod.Engine, "sync_weights", cost, "push")
+    _timed(CorrectGRPOTrainer, "sync_engine", cost, "push")
     return snaps
 
 
 def own_work_per_step(cost: dict, snaps: list[dict], skip: int = 2) -> dict:
     """Seconds per step from step `skip` on (the gate before step 0 is left out): `batch` (checks and metrics on
     each batch, the weight sync left out), `sync` (verifying the weight sync), `load` (the sync without its
-    verification: work stock TRL does too), `total` (batch + sync), and every raw bucket."""
+    verification: work stock TRL does too; with sleep mode on it is short by the re-push's verification), `total`
+    (batch + sync), and every raw bucket."""
     n = len(snaps) - skip
     d = {k: (v - snaps[skip].get(k, 0.0)) / n for k, v in cost.items()}
     d["sync"] = d.get("tap", 0.0) + d.get("verify", 0.0)
