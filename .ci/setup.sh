@@ -14,4 +14,4 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
   echo "$want" > "$stamp"
 fi
-.venv/bin/python -m trl_correct.tiny all >/dev/null  # build (or find) the cached tiny models once (embedded + families)
+.venv/bin/python -m trl_correct.tasks.tiny all >/dev/null  # build (or find) the cached tiny models once (embedded + families)

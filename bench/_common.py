@@ -63,7 +63,7 @@ def instrument(cost: dict) -> list[dict]:
     copy of `cost` at the start of every training step (for `own_work_per_step`)."""
     from trl import GRPOTrainer
 
-    import trl_correct.engine as engine_mod
+    import trl_correct.adapters.engine as engine_mod
     from trl_correct import CorrectGRPOTrainer
 
     snaps = []

@@ -33,9 +33,9 @@ def child(a) -> None:
     from models import model_dir
 
     from trl_correct import CorrectGRPOConfig, CorrectGRPOTrainer
-    from trl_correct.faults import inject
-    from trl_correct.gate import mismatch_check
-    from trl_correct.tiny import keyword_reward, tiny_prompts
+    from trl_correct.testing.faults import inject
+    from trl_correct.core.checks import mismatch_check
+    from trl_correct.tasks.tiny import keyword_reward, tiny_prompts
 
     n, t = (int(x) for x in a.size.split("x"))
     args = CorrectGRPOConfig(

@@ -36,7 +36,7 @@ def child(a) -> None:
     single_process_env()
     from models import model_dir
     from trl_correct import CorrectGRPOConfig, CorrectGRPOTrainer
-    from trl_correct.tiny import keyword_reward, tiny_prompts
+    from trl_correct.tasks.tiny import keyword_reward, tiny_prompts
     from vs_stock import SHAPE
 
     n, t = (int(x) for x in a.size.split("x"))

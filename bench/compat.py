@@ -47,7 +47,7 @@ def run_release(release: str, gpu: bool, tests: str, keep: bool) -> dict:
             return {"release": release, "install": "failed (see log)"}
         if not gpu:
             sh([py, "-m", "pip", "uninstall", "-q", "-y", "torchvision", "torchaudio", "torchcodec"], log)
-        probe = ("import importlib.metadata as m, vllm; from trl_correct.engine import sampler_order; "
+        probe = ("import importlib.metadata as m, vllm; from trl_correct.adapters.engine import sampler_order; "
                  "print('VERSIONS', m.version('transformers'), m.version('torch'), list(sampler_order()))")
         out = subprocess.run([py, "-c", probe], cwd=ROOT, capture_output=True, text=True)
         found = re.search(r"VERSIONS (\S+) (\S+) (.*)", out.stdout)

@@ -33,8 +33,8 @@ def child(a) -> None:
     from models import model_dir
 
     from trl_correct import CorrectGRPOConfig, CorrectGRPOTrainer, GateFailure
-    from trl_correct.calibrate import calibrate
-    from trl_correct.tiny import keyword_reward, tiny_prompts
+    from trl_correct.core.calibrate import calibrate
+    from trl_correct.tasks.tiny import keyword_reward, tiny_prompts
 
     path = str(model_dir(a.model)) if not os.path.isdir(a.model) else a.model
     args = CorrectGRPOConfig(

@@ -2,7 +2,7 @@
 
     python bench/models.py NAME        # build (or find) and print its directory
 
-tiny        the embedded model (trl_correct.tiny): Qwen2, 2 layers, hidden 128, vocab 1024, 0.66M parameters.
+tiny        the embedded model (trl_correct.tasks.tiny): Qwen2, 2 layers, hidden 128, vocab 1024, 0.66M parameters.
 tiny-v152k  the tiny model with its vocab padded to Qwen2.5's 151,936 (placeholder tokens `<xN>`, new rows drawn
             around the old ones' mean by transformers' resize): same body, a 150x larger head, for vocab scaling.
 qwen2-137m  Qwen2, 12 layers, hidden 1024 (16 heads of 64, 4 KV heads), MLP 2816, vocab 1024: 137M parameters,
@@ -53,7 +53,7 @@ NAMES = ("tiny", "tiny-v152k", "qwen2-137m", *REAL_SHAPES)
 
 
 def model_dir(name: str) -> Path:
-    from trl_correct.tiny import TINY_VERSION, _build, cache_root, tiny_model_dir
+    from trl_correct.tasks.tiny import TINY_VERSION, _build, cache_root, tiny_model_dir
 
     if name == "tiny":
         return tiny_model_dir()
@@ -109,7 +109,7 @@ def _real_shape(name: str, out: Path) -> None:
     import transformers
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from trl_correct.tiny import SEED, tiny_model_dir
+    from trl_correct.tasks.tiny import SEED, tiny_model_dir
 
     out.mkdir(parents=True, exist_ok=True)
     src = tiny_model_dir()

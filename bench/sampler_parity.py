@@ -12,8 +12,8 @@ import argparse
 import os
 import tempfile
 
-from trl_correct.gate import mismatch_check
-from trl_correct.head import remove_processed_head
+from trl_correct.core.checks import mismatch_check
+from trl_correct.adapters.head import remove_processed_head
 from trl_correct.train import build_trainer
 
 SETTINGS = {

@@ -24,8 +24,8 @@ import trl
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from trl.trainer.utils import add_fused_lm_head
 
-from trl_correct.head import add_processed_head, remove_processed_head
-from trl_correct.sampler import SamplerSpec
+from trl_correct.adapters.head import add_processed_head, remove_processed_head
+from trl_correct.core.sampler import SamplerSpec
 
 VARIANTS = {
     "TRL fused head, temperature only (baseline)": None,

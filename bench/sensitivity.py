@@ -67,7 +67,7 @@ def main() -> None:
     path = str(model_dir(a.model)) if not os.path.isdir(a.model) else a.model
     work = a.work or tempfile.mkdtemp(prefix="sensitivity-")
     os.makedirs(work, exist_ok=True)
-    from trl_correct.faults import calibration_faults
+    from trl_correct.testing.faults import calibration_faults
 
     wanted = a.inject or calibration_faults()
     n = max(1, a.per_process)

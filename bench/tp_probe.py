@@ -7,8 +7,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 import torch.distributed as dist  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from trl_correct.tiny import tiny_model_dir  # noqa: E402
-from trl_correct import engine as E, fingerprint as fp  # noqa: E402
+from trl_correct.tasks.tiny import tiny_model_dir  # noqa: E402
+from trl_correct.adapters import engine as E, fingerprint as fp  # noqa: E402
 rank = int(os.environ["RANK"])
 d = str(tiny_model_dir())
 from vllm import LLM, SamplingParams  # noqa: E402

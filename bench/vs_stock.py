@@ -18,7 +18,7 @@ is stock. On a GPU the stock runs are unmodified.
 
 Each run is its own process; runs alternate stock / ours, `--repeats` times per row. Parity pools every training
 batch's tokens over all repeats: trainer = TRL's `old_per_token_logps`, engine = `sampling_per_token_logps`, over the
-loss mask, summarised by trl_correct.numerics. IS clip/mask = share of tokens whose applied IS weight differs from the
+loss mask, summarised by trl_correct.core.numerics. IS clip/mask = share of tokens whose applied IS weight differs from the
 raw ratio. Step time = TRL's own `step_time` (generation, sync, scoring, checks, backward) per optimizer step, first 2
 steps dropped, median per run; the table gives min / median / max of the per-run medians. For ours, "checks" is the
 time spent in trl-correct's own per-step work (batch checks + metrics, weight fingerprints), measured in the same runs.
@@ -69,7 +69,7 @@ def child(a) -> None:
     from trl import GRPOConfig, GRPOTrainer
 
     from trl_correct import CorrectGRPOConfig, CorrectGRPOTrainer
-    from trl_correct.tiny import keyword_reward, tiny_prompts
+    from trl_correct.tasks.tiny import keyword_reward, tiny_prompts
 
     ours = a.child == "ours"
     base = CorrectGRPOTrainer if ours else GRPOTrainer
@@ -122,7 +122,7 @@ def child(a) -> None:
 def summarize(runs: list[dict]) -> dict:
     import torch
 
-    from trl_correct.numerics import RATIO_BAND, summarize_gaps
+    from trl_correct.core.numerics import RATIO_BAND, summarize_gaps
 
     r = torch.tensor([x for run in runs for b in run["batches"] for x in b["r"]], dtype=torch.float64)
     s = summarize_gaps(r)

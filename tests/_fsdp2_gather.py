@@ -9,7 +9,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM
 
-from trl_correct.weights import policy_weights
+from trl_correct.adapters.weights import policy_weights
 
 torch.distributed.init_process_group("gloo")
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)

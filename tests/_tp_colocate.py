@@ -9,8 +9,8 @@ import sys
 import tempfile
 
 from trl_correct import CorrectGRPOConfig, CorrectGRPOTrainer
-from trl_correct.faults import inject
-from trl_correct.tiny import keyword_reward, tiny_prompts
+from trl_correct.testing.faults import inject
+from trl_correct.tasks.tiny import keyword_reward, tiny_prompts
 
 rank = int(os.environ["RANK"])
 args = CorrectGRPOConfig(output_dir=tempfile.mkdtemp(), bf16=False, max_steps=2, learning_rate=1e-3, seed=0,

@@ -9,7 +9,7 @@ import deepspeed
 import torch
 from transformers import AutoModelForCausalLM
 
-from trl_correct.weights import policy_weights
+from trl_correct.adapters.weights import policy_weights
 
 
 class Gather:

@@ -15,7 +15,7 @@ import pytest
 os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
 
 from trl_correct import CorrectGRPOConfig
-from trl_correct.tiny import keyword_reward, tiny_model_dir, tiny_prompts
+from trl_correct.tasks.tiny import keyword_reward, tiny_model_dir, tiny_prompts
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ import torch
 
 from conftest import train_and_measure
 from trl_correct import CorrectGRPOTrainer
-from trl_correct.tiny import FAMILIES, _family_corpus_ids, tiny_family_dir
+from trl_correct.tasks.tiny import FAMILIES, _family_corpus_ids, tiny_family_dir
 
 FP32_TOL = 1e-4  # as tests/test_engine_parity.py: CPU fp32 engine vs HF measured at ~5e-6 max
 BACKEND_FAMILY = "olmo2"  # no native implementation in vLLM 0.31 (registry: _TRANSFORMERS_SUPPORTED_MODELS)
@@ -114,7 +114,7 @@ def test_family_passes_gate_and_trains(make_trainer, family):
 
 
 def test_transformers_backend_family_trains_and_is_named(make_trainer, monkeypatch):
-    from trl_correct import engine as engine_module
+    from trl_correct.adapters import engine as engine_module
 
     trainer, _ = train_family(make_trainer, BACKEND_FAMILY)
     check = trainer.gate_report.check("architecture")

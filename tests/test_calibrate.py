@@ -5,8 +5,8 @@ thresholds and fails the calibrated ones, by the generic `mismatch` check, while
 
 import pytest
 
-from trl_correct.calibrate import CAPS, FACTOR, FIXED, MINIMUMS, calibrate
-from trl_correct.gate import GateReport, mismatch_check
+from trl_correct.core.calibrate import CAPS, FACTOR, FIXED, MINIMUMS, calibrate
+from trl_correct.core.checks import GateReport, mismatch_check
 
 
 def floor(mean, p99=None, k3=None, mx=None, n=100):
@@ -81,7 +81,7 @@ def test_the_table_shows_floor_threshold_and_rule():
 def test_on_the_real_engine_calibration_names_a_few_fold_fault_the_fixed_values_let_through(make_trainer):
     import copy
 
-    from trl_correct.faults import run_with_faults
+    from trl_correct.testing.faults import run_with_faults
 
     trainer = make_trainer(bf16=True, use_cpu=True)
     base = copy.deepcopy(trainer.engine.settings)

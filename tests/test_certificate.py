@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from conftest import MAIN_JOB_SAVE_EVERY
 from trl_correct import certificate
 from trl_correct.cli import main as cli
-from trl_correct.faults import inject
+from trl_correct.testing.faults import inject
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trl_correct.faults import FAULTS
+from trl_correct.testing.faults import FAULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCTOR = [str(Path(sys.executable).parent / "trl-correct"), "doctor", "--config", "recipes/tiny.yaml"]

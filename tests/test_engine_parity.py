@@ -16,8 +16,8 @@ import torch
 
 from conftest import train_and_measure
 from trl_correct import CorrectGRPOTrainer, GateFailure
-from trl_correct.faults import inject
-from trl_correct.numerics import is_weights
+from trl_correct.testing.faults import inject
+from trl_correct.core.numerics import is_weights
 
 FP32_TOL = 1e-4  # CPU fp32 engine vs HF measured at ~5e-6 max; anything near 1e-4 would be a real divergence
 

@@ -2,7 +2,7 @@
 
 import math
 
-from trl_correct.fingerprint import fingerprint as _fingerprint, group_of, stale_groups
+from trl_correct.adapters.fingerprint import fingerprint as _fingerprint, group_of, stale_groups
 
 
 def test_fused_layouts_share_a_group():
@@ -49,7 +49,7 @@ def test_changed_group_is_stale_and_one_sided_groups_are_named():
 
 # -- tensor parallelism: each rank's slice, cut as vLLM's loaders cut it ---------------------------------------------
 def _shards(name, t, parts_per_rank, packed=None):
-    from trl_correct.fingerprint import shard_of
+    from trl_correct.adapters.fingerprint import shard_of
 
     return [shard_of(name, t, parts, packed or {}) for parts in parts_per_rank]
 

@@ -5,11 +5,11 @@ from dataclasses import replace
 
 import pytest
 
-from trl_correct.facts import EngineFacts, TrainerFacts, TransformersBackend
-from trl_correct.gate import (STATIC_CHECKS, Check, GateFailure, GateReport, clip_check, loss_audit_check,
+from trl_correct.core.facts import EngineFacts, TrainerFacts, TransformersBackend
+from trl_correct.core.checks import (STATIC_CHECKS, Check, GateFailure, GateReport, clip_check, loss_audit_check,
                               mismatch_check, non_finite_check, reset_check, self_consistency_check, static_checks,
                               temperature_check, token_identity_check, weight_sync_check)
-from trl_correct.sampler import SamplerSpec
+from trl_correct.core.sampler import SamplerSpec
 
 SAMPLER = SamplerSpec(temperature=0.7)
 TRAINER = TrainerFacts(compute_dtype="float32", head_dtype="float32", fp32_lm_head=True, sampler=SAMPLER)
@@ -189,7 +189,7 @@ def test_token_identity_and_self_consistency_checks():
 
 
 def test_attention_that_drops_softcapping_is_named():
-    from trl_correct.audit import attention_dropped
+    from trl_correct.adapters.audit import attention_dropped
 
     class Cfg:
         attn_logit_softcapping, _attn_implementation = 50.0, "sdpa"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from trl_correct import CorrectGRPOTrainer, GateFailure
-from trl_correct.faults import inject, run_with_faults
+from trl_correct.testing.faults import inject, run_with_faults
 
 FP32_FLOOR = 1e-5  # trainer vs itself and vs the engine on CPU in fp32: measured ~4e-6 max
 
@@ -124,7 +124,7 @@ def test_ratio_metrics_are_logged_every_step(make_trainer):
 
 def test_sleep_mode_is_refused_by_the_cpu_engine(tiny_dir):
     # the adapter's sleep path goes as far as vLLM here: its CPU platform has no sleep mode (GPU check: bench/)
-    from trl_correct.engine import Engine, EngineSettings
+    from trl_correct.adapters.engine import Engine, EngineSettings
 
     with pytest.raises(Exception, match="[Ss]leep mode is not supported"):
         Engine(EngineSettings(model=tiny_dir, dtype="float32", enable_sleep_mode=True))

@@ -4,7 +4,7 @@
 import json
 from pathlib import Path
 
-from trl_correct.plot import main as plot
+from trl_correct.cli.plot import main as plot
 
 
 def test_metrics_reach_tensorboard_and_the_plot_draws_the_run(make_trainer, tmp_path):

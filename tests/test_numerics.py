@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from trl_correct.audit import token_identity
-from trl_correct.numerics import (QUANTILE_MAX_ELEMENTS, is_weights, measure, nonfinite_tokens, per_token, quantiles,
+from trl_correct.adapters.audit import token_identity
+from trl_correct.core.numerics import (QUANTILE_MAX_ELEMENTS, is_weights, measure, nonfinite_tokens, per_token, quantiles,
                                   ratio_stats, sequence_gaps, summarize_gaps, valid_gaps, weight_stats)
-from trl_correct.sampler import OUTSIDE_LOGPROB
+from trl_correct.core.sampler import OUTSIDE_LOGPROB
 
 
 def t(x):

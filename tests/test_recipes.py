@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from trl_correct.rewards import final_number, final_number_match
+from trl_correct.tasks.rewards import final_number, final_number_match
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -13,8 +13,8 @@ import torch
 from vllm.model_executor.layers.utils import apply_penalties
 from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
 
-from trl_correct import sampler
-from trl_correct.sampler import OUTSIDE_LOGPROB, SamplerSpec, history, token_logprobs
+from trl_correct.core import sampler
+from trl_correct.core.sampler import OUTSIDE_LOGPROB, SamplerSpec, history, token_logprobs
 
 V, H = 3000, 32
 
@@ -136,8 +136,8 @@ def test_empty_input():
 def test_unverified_vllm_release_is_not_guessed():
     from types import SimpleNamespace
 
-    from trl_correct.engine import sampler_order
-    from trl_correct.head import why_unreproducible
+    from trl_correct.adapters.engine import sampler_order
+    from trl_correct.adapters.head import why_unreproducible
 
     assert sampler_order("0.33.0") == sampler_order("0.31.0") == sampler_order("0.26.0") == SPECS["combined"].order
     model = SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: SimpleNamespace()))

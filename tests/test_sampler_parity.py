@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from trl_correct import CorrectGRPOTrainer
-from trl_correct.faults import inject
-from trl_correct.gate import mismatch_check
-from trl_correct.head import remove_processed_head
+from trl_correct.testing.faults import inject
+from trl_correct.core.checks import mismatch_check
+from trl_correct.adapters.head import remove_processed_head
 
 FP32_TOL = 1e-4
 SETTINGS = {

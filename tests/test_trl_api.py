@@ -5,7 +5,7 @@ import pytest
 from trl import GRPOTrainer
 
 from trl_correct import CorrectGRPOConfig
-from trl_correct.trl_api import PRIVATE, VERIFIED_TRL, grpo_default, problems
+from trl_correct.adapters.trl_api import PRIVATE, VERIFIED_TRL, grpo_default, problems
 
 
 def test_every_private_name_is_there_in_the_installed_trl():

@@ -1,7 +1,7 @@
 """trl-correct: GRPO with colocated vLLM whose trainer/engine parity is proven before any correction is applied."""
 
 from .config import CorrectGRPOConfig
-from .gate import Check, GateFailure, GateReport
+from .core.checks import Check, GateFailure, GateReport
 
 __all__ = ["CorrectGRPOConfig", "CorrectGRPOTrainer", "Check", "GateFailure", "GateReport"]
 

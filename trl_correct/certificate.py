@@ -28,10 +28,10 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from .calibrate import DECIDING
-from .fingerprint import fingerprint, group_of
-from .gate import SHORT
-from .sampler import SAMPLER_FIELDS, is_off
+from .core.calibrate import DECIDING
+from .adapters.fingerprint import fingerprint, group_of
+from .core.checks import SHORT
+from .core.sampler import SAMPLER_FIELDS, is_off
 
 SCHEMA_VERSION = 1  # bump on any change a reader of version 1 would misread; certificate_schema.json says what it is
 CERTIFICATE_FILE = "correctness_certificate.json"
@@ -171,7 +171,7 @@ def facts_dict(facts) -> dict:
 
 
 def model_info(trainer) -> dict:
-    from .weights import is_peft_model
+    from .adapters.weights import is_peft_model
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     peft = None
@@ -184,7 +184,7 @@ def model_info(trainer) -> dict:
 
 
 def _covers(trainer) -> str:
-    from .weights import is_peft_model
+    from .adapters.weights import is_peft_model
 
     if is_peft_model(trainer.accelerator.unwrap_model(trainer.model)):
         return ("the engine's weights: base weights with every active LoRA adapter's delta added, under the base "

@@ -12,9 +12,9 @@ from typing import Literal
 
 from trl import GRPOConfig
 
-from .numerics import TIS_MODES
-from .sampler import SAMPLER_FIELDS, SamplerSpec, is_off
-from .trl_api import grpo_default, skipped_init_checks
+from .core.numerics import TIS_MODES
+from .core.sampler import SAMPLER_FIELDS, SamplerSpec, is_off
+from .adapters.trl_api import grpo_default, skipped_init_checks
 
 
 def _has_gpu() -> bool:

@@ -1,438 +1,297 @@
-"""The correctness gate as data: named checks, each with pass/fail, what was measured, the threshold and the fix.
+"""The trainer side of the gate: the probe (the engine samples, the trainer scores the same token ids through TRL's
+own path), the noise floors the thresholds are calibrated from, and the assembly of every check by `SCHEDULE`.
 
-Deciding is a pure function of facts (facts.py: what each side runs with) and measurements (numerics.py) gathered
-elsewhere; thresholds come from calibrate.py. Nothing here imports vLLM or TRL, so every check is tested on hand-made
-facts. A failed check's `name` is the *cause* reported everywhere (logs, exceptions, correctness_report.json).
-
-Static checks (one function each, `STATIC_CHECKS`): architecture (only for a model vLLM serves through its
-Transformers backend), logprobs_mode, dtype, lm_head_dtype, attention (only for a model with attention soft-capping),
-sampler, generation_config, prefix_cache, dropout,
-bit_exact, async_scheduling. Checks of measurements: weight_sync, prefix_cache_reset, mismatch, sampler_support,
-non_finite_logprobs, ratio_clipped, correction_not_applied, temperature, token_mismatch, trainer_consistency (and
-prefix_cache again, from the probe's cached/uncached differential, in probe.py).
-Where a new check goes: docs/ARCHITECTURE.md.
+A mixin of CorrectGRPOTrainer (trainer.py), split out to keep each file readable; it uses the trainer's engine, args,
+sampler and TRL's scoring method, and overrides no GRPOTrainer method. Deciding is gate.py's; thresholds are
+calibrate.py's; measuring is numerics.py's.
 """
 
-import math
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 
-from .facts import EngineFacts, TrainerFacts
-from .numerics import within
-from .sampler import SAMPLER_FIELDS, is_off, normalized
+import torch
+from accelerate.utils import gather_object
+
+from .adapters.audit import (AUDIT_SCALES, generated_rows, loss_audit, padded_batch, quiet_trackers, self_consistency,
+                    token_identity)
+from .core.calibrate import CAPS, Calibration, calibrate
+from .core.checks import (BLOCKING, LINEAR_LOSS_TYPES, Check, GateReport, clip_check, loss_audit_check, mismatch_check,
+                   non_finite_check, reset_check, self_consistency_check, stale_cache_check, static_checks,
+                   support_check, temperature_check, token_identity_check)
+from .adapters.head import add_processed_head
+from .core.numerics import measure, summarize_gaps, valid_gaps
+from .adapters.trl_api import add_fused_lm_head, pad, pad_token_id, score
+from .adapters.weights import scoring_model
+
+PROBE_SEED = 1234
+# Cached-prefix probe this many times worse than the uncached one = stale cache. Clean bf16 CPU runs measured the two
+# within 10 % (0.0067 vs 0.0072); a cache left stale across a 0.1-std weight move measured 4.7x (0.033 vs 0.007).
+STALE_FACTOR = 2.0
+# ...and worse by at least this share of the mean threshold (two near-zero fp32 figures can differ 2x by chance).
+STALE_MIN_SHARE = 0.1
+# Second temperature of the temperature check when the config's is 1 (at T=1 a temperature applied twice or never
+# changes nothing, so the fault can only show away from it).
+ALT_TEMPERATURE = 0.7
+# Probe prompts are lengthened to one KV block plus this many tokens when prefix caching is on, so that each holds at
+# least one full block a stale cache could serve (vLLM caches full blocks only).
+PAST_BLOCK_TOKENS = 16
+
+# When each group of checks runs (the data the gate is assembled from):
+#   start    the full gate before step 0 (and after a resume), and `run_gate()`
+#   interval every `probe_interval` optimizer steps, after that step's weight sync
+#   sync     after every other weight sync in training (`sync+caching`: only when prefix caching is on)
+#   batch    every training batch (trainer.py: mismatch, clip share, support, non-finite, token identity)
+SCHEDULE = {
+    "static": ("start", "interval"),  # gate.STATIC_CHECKS on both sides' facts
+    "weight_sync": ("start", "interval", "sync"),  # the engine's fingerprint after the load
+    "prefix_cache_reset": ("start", "interval", "sync"),  # vLLM's answer to the reset (prefix caching on only)
+    "probe": ("start", "interval", "sync+caching"),  # probe mismatch, non-finite, clip share, cache differential
+    "calibration": ("start", "interval"),  # floors on the trainer alone -> thresholds; trainer_consistency
+    "audits": ("start",),  # dry batch token identity, temperature, loss audit
+    "extra": ("start", "interval"),  # a subclass's extra_checks(probe)
+}
+
+
+def due(group: str, when: str, caching: bool) -> bool:
+    runs = SCHEDULE[group]
+    return when in runs or (caching and when == "sync" and "sync+caching" in runs)
+
+
+@contextmanager
+def _set_for_a_while(obj, name: str, value):
+    """`obj.name = value` inside the block, the old value restored after it (whatever happens inside)."""
+    saved = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, saved)
 
 
 @dataclass(frozen=True)
-class Check:
-    """One named check. `measured` / `threshold`: the figure(s) compared (a number, or {statistic: number}), kept as
-    data so the table, the report and a test read the same values; None for checks of facts."""
+class ProbeResult:
+    """One probe: the engine sampled `completion_ids` after `prompt_ids` at `temperature`, the trainer scored them."""
 
-    name: str
-    passed: bool
-    detail: str
-    fix: str = ""
-    measured: float | dict | None = None
-    threshold: float | dict | None = None
-
-    def limits(self) -> str:
-        """The threshold in words, for the table ('' when the check has none)."""
-        if self.threshold is None or (not isinstance(self.threshold, dict) and self.threshold == 0):
-            return ""  # none, or a count that must be 0 (the detail says so)
-        if isinstance(self.threshold, dict):
-            return ", ".join(f"{SHORT.get(k, k)} {v:.3g}" for k, v in self.threshold.items())
-        return f"{self.threshold:.3g}"
-
-
-SHORT = {"mean_abs_logprob_diff": "mean", "p99_abs_logprob_diff": "p99", "max_abs_logprob_diff": "max",
-         "kl_k3": "k3"}
+    prompt_ids: list
+    completion_ids: list
+    trainer_logprobs: torch.Tensor  # [B, T]
+    engine_logprobs: torch.Tensor  # [B, T] (NaN past each completion's end)
+    mask: torch.Tensor  # [B, T] bool: the tokens counted (finite on both sides, inside the trainer's kept set)
+    stats: dict  # numerics.measure's statistics
+    gaps: torch.Tensor = field(repr=False)  # |Δlogp| of each counted token (the doctor's plot)
+    temperature: float = 1.0
 
 
 @dataclass(frozen=True)
-class GateReport:
-    checks: tuple[Check, ...]
-    mismatch: dict = field(default_factory=dict)  # the probe's (or batch's) statistics
-    calibration: dict | None = None  # calibrate.Calibration.to_dict(): thresholds, their floors and rule
-
-    @property
-    def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
-
-    @property
-    def causes(self) -> list[str]:
-        return [c.name for c in self.checks if not c.passed]
-
-    def check(self, name: str) -> Check | None:
-        return next((c for c in self.checks if c.name == name), None)
-
-    def to_dict(self) -> dict:
-        return {"verdict": "pass" if self.passed else "fail", "causes": self.causes,
-                "checks": [asdict(c) for c in self.checks], "mismatch": dict(self.mismatch),
-                "calibration": self.calibration}
-
-    def table(self) -> str:
-        width = max((len(c.name) for c in self.checks), default=4)
-        lines = [f"correctness gate: {'PASS' if self.passed else 'FAIL: ' + ', '.join(self.causes)}"]
-        for c in self.checks:
-            limits = c.limits()
-            lines.append(f"  {'ok  ' if c.passed else 'FAIL'} {c.name:<{width}}  {c.detail}"
-                         + (f" [limits: {limits}]" if limits else ""))
-            if not c.passed and c.fix:
-                lines.append(f"       {'':<{width}}  fix: {c.fix}")
-        if self.calibration:
-            lines.append(f"  thresholds ({self.calibration['summary']}):")
-            lines += [f"       {SHORT.get(k, k):<5} {t['value']:<9.3g} {t['source']:<10} {t['rule']}"
-                      for k, t in self.calibration["thresholds"].items()]
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.table()
-
-
-class GateFailure(RuntimeError):
-    """Raised under gate='enforce' when the gate fails; carries the report."""
-
-    def __init__(self, report: GateReport, when: str = "before training"):
-        self.report = report
-        super().__init__(f"trl-correct gate failed {when} (causes: {', '.join(report.causes)})\n{report.table()}")
-
-
-# -- static checks: one function each, (TrainerFacts, EngineFacts) -> Check, or None where it does not apply --------
-
-def check_architecture(t: TrainerFacts, e: EngineFacts) -> Check | None:
-    """A model vLLM has no native implementation for: vLLM's Transformers backend patches the transformers class the
-    trainer runs too, so the trainer's forward works only while the engine keeps its instances off vLLM's compile
-    path (engine.py). None for a natively implemented architecture."""
-    tb = e.transformers_backend
-    if tb is None:
-        return None
-    served = (f"vLLM serves {tb.architecture} through its Transformers backend ({tb.vllm_class}; no native "
-              "implementation)")
-    patched = f"transformers' {', '.join(tb.patched)}" if tb.patched else ""
-    if tb.unsupported:
-        return Check("architecture", False, f"{served}; its compile decorator patched {patched or 'no class'}, "
-                                            f"which the trainer runs too: {tb.unsupported}",
-                     "use an architecture vLLM implements natively, or a vLLM release whose compile decorator "
-                     "trl-correct has read (engine.VERIFIED_COMPILE_DECORATOR)")
-    return Check("architecture", True, served + (f"; its compile decorator patched {patched} (the trainer's class "
-                                                 "too): instances vLLM did not build run their own forward"
-                                                 if patched else ""))
-
-
-def check_logprobs_mode(t: TrainerFacts, e: EngineFacts) -> Check:
-    temp, transforms = e.sampler.temperature, e.sampler.transforms
-    if e.logprobs_mode == "processed_logprobs":
-        return Check("logprobs_mode", True, "engine returns processed_logprobs (after temperature etc.)")
-    if e.logprobs_mode == "raw_logprobs" and is_off("temperature", temp) and not transforms:
-        return Check("logprobs_mode", True, "engine returns raw_logprobs; equal to processed at T=1 with no other "
-                                            "sampler transform")
-    return Check("logprobs_mode", False, f"engine returns {e.logprobs_mode} at temperature={temp:g}"
-                 + (f" with {', '.join(transforms)}" if transforms else "")
-                 + ": they ignore the sampler, so ratios compare different distributions",
-                 "set logprobs_mode: processed_logprobs")
-
-
-def check_attention(t: TrainerFacts, e: EngineFacts) -> Check | None:
-    """The trainer's attention implementation computes what the model's config asks (vLLM always does): transformers'
-    sdpa attention ignores attention soft-capping, which only its eager path applies (Gemma 2). None when the model
-    has nothing an implementation could leave out."""
-    if not t.attention_dropped:
-        return None
-    return Check("attention", False, f"the trainer's attention leaves out what vLLM applies: {t.attention_dropped}",
-                 "load the policy with eager attention (model_init_kwargs: {attn_implementation: eager}; trl-correct "
-                 "does so when attn_implementation is not set)")
-
-
-def check_dtype(t: TrainerFacts, e: EngineFacts) -> Check:
-    same = t.compute_dtype == e.compute_dtype
-    return Check("dtype", same, f"trainer computes in {t.compute_dtype}, engine in {e.compute_dtype}",
-                 "" if same else "set the engine dtype to the trainer's (vllm_dtype: auto follows the trainer) or "
-                                 "train in the engine's dtype (bf16: true / false)")
-
-
-def check_lm_head_dtype(t: TrainerFacts, e: EngineFacts) -> Check:
-    if t.fp32_lm_head and not e.head_dtype_supported:
-        return Check("lm_head_dtype", False, f"fp32_lm_head requested but the installed vLLM cannot run an fp32 head "
-                                             f"(engine head in {e.head_dtype}, trainer head in {t.head_dtype})",
-                     "install a vLLM with hf_overrides head_dtype (>= 0.26), or set fp32_lm_head: false")
-    ok = t.head_dtype == e.head_dtype and (not t.fp32_lm_head or t.head_dtype == "float32")
-    return Check("lm_head_dtype", ok, f"lm_head computes in {t.head_dtype} (trainer) and {e.head_dtype} (engine)",
-                 "" if ok else "set fp32_lm_head: true so both sides run the head in float32")
-
-
-def check_sampler(t: TrainerFacts, e: EngineFacts) -> Check:
-    ts, es = t.sampler.settings(), e.sampler.settings()
-    diffs = [f"{f}: trainer {ts[f]} vs engine {es[f]}" for f in SAMPLER_FIELDS
-             if normalized(f, ts[f]) != normalized(f, es[f])]
-    fix = (f"set sampler settings once, as config fields ({', '.join(SAMPLER_FIELDS)}), never in generation_kwargs "
-           "or on one side only")
-    if e.unreproduced:
-        diffs.append(f"engine applies {sorted(e.unreproduced)} (generation_kwargs), which the trainer does not "
-                     "reproduce")
-        fix = "remove " + ", ".join(sorted(e.unreproduced)) + " from generation_kwargs"
-    if t.sampler_unsupported:
-        diffs.append(f"trainer cannot reproduce the transform: {t.sampler_unsupported}")
-        fix = "use a sampler with temperature only for this model (top_k 0, top_p 1, min_p 0, no penalties)"
-    if list(t.sampler.order) != list(e.sampler.order):
-        diffs.append(f"engine applies {list(e.sampler.order)}, trainer reproduces {list(t.sampler.order)}")
-        fix = "use a vLLM whose sampler order trl-correct knows (engine.VERIFIED_VLLM)"
-    transforms = e.sampler.transforms
-    return Check("sampler", not diffs, "; ".join(diffs) if diffs else
-                 f"both sides sample/score at temperature={e.sampler.temperature:g}"
-                 + (f" with {', '.join(transforms)} (trainer reproduces the engine's transform)" if transforms
-                    else ", no other transform"), fix if diffs else "")
-
-
-def check_generation_config(t: TrainerFacts, e: EngineFacts) -> Check:
-    es = e.sampler.settings()
-    applied = t.sampler_defaults_applied
-    wrong = {k: es[k] for k, v in applied.items() if normalized(k, v) != normalized(k, es[k])}
-    ignored = {k: v for k, v in e.generation_config.items()
-               if k in SAMPLER_FIELDS and k not in applied and normalized(k, v) != normalized(k, es[k])}
-    parts = [f"model generation_config defaults in effect on both sides: {applied}"] if applied else []
-    if ignored:
-        parts.append("model generation_config defaults not in effect on either side (the config's values are used "
-                     f"on both): {ignored}")
-    detail = "; ".join(parts) or "model generation_config sets no sampler default that differs from the config"
-    if wrong:
-        detail = f"model generation_config defaults {applied} applied by the trainer, engine uses {wrong}"
-    return Check("generation_config", not wrong, detail,
-                 "build the engine from the trainer's sampler (engine_settings)" if wrong else "")
-
-
-def check_prefix_cache(t: TrainerFacts, e: EngineFacts) -> Check:
-    if not e.prefix_caching:
-        return Check("prefix_cache", True, "prefix caching off")
-    ok = e.reset_after_sync
-    return Check("prefix_cache", ok, "prefix caching on, " + (
-        "cache reset after every weight sync" if ok else "cache NOT reset after weight sync: KV blocks computed with "
-                                                         "old weights are reused"),
-                 "" if ok else "set enable_prefix_caching: false")
-
-
-def check_dropout(t: TrainerFacts, e: EngineFacts) -> Check:
-    if not t.dropout:
-        return Check("dropout", True, "no dropout in the trainer's forward")
-    return Check("dropout", False, "the trainer's forward draws dropout while training: " + "; ".join(t.dropout)
-                 + " (its logprobs are random draws; the engine has no dropout)",
-                 "set the dropout rates to 0 (lora_dropout: 0; the model config's attention/hidden dropout)")
-
-
-def check_bit_exact(t: TrainerFacts, e: EngineFacts) -> Check | None:
-    """bit_exact requested: vLLM's batch-invariant mode must be possible here and on (colocated, the engine's aten
-    overrides are the trainer's too); the probe and every batch then have to match exactly (thresholds 0)."""
-    if not t.bit_exact:
-        return None
-    if e.batch_invariant_unsupported:
-        return Check("bit_exact", False, f"bit_exact requested: {e.batch_invariant_unsupported}",
-                     "set bit_exact: false (the default mode, with TIS) or run on a CUDA GPU (SM80+)")
-    if not e.batch_invariant:
-        return Check("bit_exact", False, "bit_exact requested but vLLM's batch-invariant mode is off "
-                                         "(VLLM_BATCH_INVARIANT was not set before vLLM built its kernels)",
-                     "export VLLM_BATCH_INVARIANT=1 before launching")
-    return Check("bit_exact", True, "vLLM's batch-invariant kernels on for the engine and (colocated) the trainer; "
-                                    "every logprob difference must be 0")
-
-
-def check_async_scheduling(t: TrainerFacts, e: EngineFacts) -> Check:
-    on = e.async_scheduling
-    return Check("async_scheduling", not on, f"async scheduling {'on' if on else 'off'}",
-                 "set async_scheduling off (trl-correct builds the engine with it off)" if on else "")
-
-
-STATIC_CHECKS = (check_architecture, check_logprobs_mode, check_dtype, check_lm_head_dtype, check_attention,
-                 check_sampler, check_generation_config, check_prefix_cache, check_dropout, check_bit_exact,
-                 check_async_scheduling)
-# A failing check of these means the trainer cannot even run its side of the probe next to this engine.
-BLOCKING = ("architecture",)
-
-
-def static_checks(t: TrainerFacts, e: EngineFacts) -> list[Check]:
-    """Configuration parity from the two sides' facts, in `STATIC_CHECKS` order."""
-    return [c for c in (f(t, e) for f in STATIC_CHECKS) if c is not None]
-
-
-# -- checks of measurements -----------------------------------------------------------------------------------------
-
-def weight_sync_check(stale: list[str], version: int) -> Check:
-    """`stale`: engine parameter groups whose fingerprint differs from the trainer's (empty = in sync)."""
-    if not stale:
-        return Check("weight_sync", True, f"engine weights match the trainer's (sync #{version}, every group "
-                                          "fingerprinted)", measured=0, threshold=0)
-    shown = ", ".join(stale[:4]) + (f" and {len(stale) - 4} more" if len(stale) > 4 else "")
-    return Check("weight_sync", False, f"after sync #{version} the engine differs from the trainer in {len(stale)} "
-                                       f"parameter group(s): {shown}",
-                 "the weight update did not reach the engine: check the weight names and the load path "
-                 "(trl-correct loads through vLLM's reload_weights)", measured=len(stale), threshold=0)
-
-
-def missed_sync_check(step: int, last_synced: int, called: bool = False) -> Check:
-    """The engine generated the batch of `step` without a weight sync at that step (`called`: the sync was called
-    and returned without loading anything)."""
-    what = ("the weight sync at step {step} returned without loading anything into the engine" if called else
-            "no weight sync reached the engine before it generated the batch of step {step}").format(step=step)
-    return Check("weight_sync", False, f"{what} (last load at step {last_synced})",
-                 "the trainer's sync hook was skipped: make sure sync_weights() streams the weights after every "
-                 "update")
-
-
-def support_check(n_outside: int, label: str = "probe") -> Check:
-    """`n_outside` engine-sampled tokens lie outside the trainer's kept set (top-k/top-p/min-p): the two sides do
-    not sample from the same support."""
-    return Check("sampler_support", not n_outside,
-                 f"{label}: {n_outside} token(s) the engine sampled are outside the trainer's kept set "
-                 "(probability 0 under the trainer's transform)" if n_outside else f"{label}: every sampled token "
-                 "is inside the trainer's kept set",
-                 "" if not n_outside else "the engine and trainer filter differently: compare top_k/top_p/min_p "
-                                          "and the penalties on both sides (sampler check), then the logits",
-                 measured=n_outside, threshold=0)
-
-
-def mismatch_check(stats: dict, thresholds: dict, label: str = "probe") -> Check:
-    """Each statistic in `thresholds` (calibrate.DECIDING: mean, p99, k3, and max as a catastrophic cap) against its
-    threshold; no tokens, or a NaN statistic, fails."""
-    over = [f"{SHORT[k]}={stats[k]:.3g} > {v:.3g}" for k, v in thresholds.items() if not within(stats[k], v)]
-    if stats.get("n_tokens", 0) == 0 and not stats.get("n_nonfinite"):
-        over.append("no tokens to compare")
-    summary = (f"{label}: {stats.get('n_tokens', 0)} tokens, mean |Δ|={stats['mean_abs_logprob_diff']:.3g}, "
-               f"p99={stats['p99_abs_logprob_diff']:.3g}, max={stats['max_abs_logprob_diff']:.3g}, "
-               f"k3 KL={stats['kl_k3']:.3g}")
-    return Check("mismatch", not over, summary + ("" if not over else "; over threshold: " + ", ".join(over)),
-                 "" if not over else "find the failing static check above; if all pass, compare dtypes and "
-                                     "kernels, or loosen the thresholds only with a measured reason "
-                                     "(trl-correct doctor --calibrate)",
-                 measured={k: stats[k] for k in thresholds}, threshold=dict(thresholds))
-
-
-def non_finite_check(n_nonfinite: int, label: str = "probe") -> Check:
-    """NaN/inf logprobs on either side: the tokens are left out of every statistic and of the loss, and named here."""
-    return Check("non_finite_logprobs", not n_nonfinite,
-                 f"{label}: {n_nonfinite} token(s) with a NaN/inf logprob (trainer or engine), left out of the metrics "
-                 "and the loss" if n_nonfinite else f"{label}: every logprob finite on both sides",
-                 "" if not n_nonfinite else "look for overflow in the model (bf16/fp16 activations), NaN weights, or "
-                                            "tokens the engine returned no logprob for",
-                 measured=n_nonfinite, threshold=0)
-
-
-def reset_check(reset_ok: bool | None) -> Check:
-    """The prefix cache's reset after a weight load: vLLM answers False when it refuses (blocks still held)."""
-    if reset_ok is None:
-        return Check("prefix_cache_reset", True, "prefix caching off: nothing to reset")
-    return Check("prefix_cache_reset", bool(reset_ok),
-                 "reset_prefix_cache() returned True after the weight load" if reset_ok else
-                 "reset_prefix_cache() returned False after the weight load: vLLM refused to drop cached blocks (a "
-                 "request still holds them), so KV computed with the old weights can be reused",
-                 "" if reset_ok else "finish or abort every in-flight request before the weight sync, or set "
-                                     "enable_prefix_caching: false")
-
-
-def stale_cache_check(cached: dict, fresh: dict, factor: float) -> Check:
-    """The probe on prompts whose prefix may be cached vs on prompts that cannot be: `cached` scoring clearly worse
-    (more than `factor` x the uncached mean) means KV blocks computed with old weights were reused."""
-    c, f = cached["mean_abs_logprob_diff"], fresh["mean_abs_logprob_diff"]
-    return Check("prefix_cache", False,
-                 f"probe on cached prefixes: mean |Δ|={c:.3g}, max={cached['max_abs_logprob_diff']:.3g}; on uncached "
-                 f"ones: mean {f:.3g}, max {fresh['max_abs_logprob_diff']:.3g}: KV blocks computed with old weights "
-                 "were reused after the sync",
-                 "set enable_prefix_caching: false (or make sure reset_prefix_cache() runs after every weight load)",
-                 measured=c / max(f, 1e-30), threshold=factor)
-
-
-def clip_check(clip_frac: float, max_clip_frac: float, label: str = "probe") -> Check:
-    """Share of tokens whose importance weight was truncated or masked: above `max_clip_frac` the correction is no
-    longer a small fix of numerical noise but discards or reweights much of the batch."""
-    ok = within(clip_frac, max_clip_frac)
-    return Check("ratio_clipped", ok, f"{label}: {clip_frac:.1%} of tokens had their importance weight truncated or "
-                                      "masked",
-                 "" if ok else "the ratios before truncation (correct/ratio/*) say how far off the engine is: fix the "
-                               "mismatch; a larger tis_cap or max_clip_frac only hides it",
-                 measured=clip_frac, threshold=max_clip_frac)
-
-
-# Loss audit: the policy term is linear in the importance weights for every TRL loss type but vespo (whose gamma
-# weight takes the ratio inside a non-linear function). Relative tolerance on "linear": fp32 measured ~1e-7.
-LINEAR_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
-AUDIT_RTOL = 1e-2
-# "Does not change": a step below this share of the value is rounding, not the weights' effect.
-STILL_RTOL = 1e-7
-
-
-def loss_audit_check(losses: list[float], grads: list[float], scales: tuple, linear: bool = True) -> Check:
-    """Does the correction reach the loss? `losses`/`grads`: the loss and a fixed projection of its gradient with the
-    importance weights multiplied by each of `scales` (0, 1, 2). The weights' effect must be non-zero and, for a
-    loss linear in them, grow by the same amount from x1 to x2 as from x0 to x1."""
-    name = "correction_not_applied"
-    dl = [losses[i + 1] - losses[i] for i in range(len(losses) - 1)]
-    dg = [grads[i + 1] - grads[i] for i in range(len(grads) - 1)]
-    shown = (f"loss at weights x{', x'.join(f'{s:g}' for s in scales)}: {', '.join(f'{v:.6g}' for v in losses)}; "
-             f"gradient projection: {', '.join(f'{v:.6g}' for v in grads)}")
-    fix = ("the loss path computes the importance weights but does not apply them (TRL #5031 / Liger #1082): make "
-           "the loss multiply each token's policy term by inputs['importance_sampling_ratio']")
-
-    def still(d, ref):
-        return not all(math.isfinite(x) for x in d) or abs(d[0]) <= STILL_RTOL * max(abs(ref), 1e-12)
-
-    if still(dl, losses[1]) or still(dg, grads[1]):
-        which = "the loss" if still(dl, losses[1]) else "the gradient"
-        return Check(name, False, f"{which} does not change when the importance weights change ({shown})", fix)
-    if linear:
-        off = max(abs(d[1] - d[0]) / abs(d[0]) for d in (dl, dg))
-        if off > AUDIT_RTOL:
-            return Check(name, False, f"the weights do not enter the loss linearly, as TRL's loss applies them: "
-                                      f"x1->x2 changed the loss by {dl[1]:.6g} vs {dl[0]:.6g} for x0->x1 ({shown})",
-                         fix, measured=off, threshold=AUDIT_RTOL)
-        return Check(name, True, "the importance weights reach the loss and its gradient linearly (x0, x1, x2: equal "
-                                 f"steps within {off:.1e})", measured=off, threshold=AUDIT_RTOL)
-    return Check(name, True, "the importance weights reach the loss and its gradient")
-
-
-def temperature_check(at_one: dict, at_t: dict, t: float, thresholds: dict, engine_ignores_t: bool = False) -> Check:
-    """Probe at temperature 1 and at `t`: dividing by the temperature once, twice or never is the same at T=1, so a
-    trainer that agrees with the engine at 1 but not at `t` applies the temperature a different number of times.
-    `engine_ignores_t`: the engine returns raw logprobs (the logprobs_mode check names that), so a temperature-only
-    drift is the engine's, not the trainer's."""
-    ok1 = mismatch_check(at_one, thresholds).passed
-    okt = mismatch_check(at_t, thresholds).passed
-    detail = (f"probe at T=1: mean |Δ|={at_one['mean_abs_logprob_diff']:.3g}; at T={t:g}: "
-              f"mean |Δ|={at_t['mean_abs_logprob_diff']:.3g}")
-    measured = {"at_1": at_one["mean_abs_logprob_diff"], f"at_{t:g}": at_t["mean_abs_logprob_diff"]}
-    if engine_ignores_t:
-        return Check("temperature", True, detail + " (the engine's logprobs ignore the temperature: see "
-                                                   "logprobs_mode)", measured=measured)
-    if ok1 and not okt:
-        return Check("temperature", False, detail + ": the gap appears only away from T=1, so the trainer divides "
-                                                    "by the temperature more or fewer times than the engine",
-                     "apply the temperature once, in TRL's scoring head (args.temperature); remove any other "
-                     "division of the logits by it (or a generation_config temperature applied by the model)",
-                     measured=measured)
-    return Check("temperature", True, detail + (" (no temperature-only drift)" if okt else
-                                                " (the gap is there at T=1 too: not a temperature fault)"),
-                 measured=measured)
-
-
-def token_identity_check(n_rows: int, n_bad: int, example: str = "", label: str = "batch") -> Check:
-    """The trainer must score exactly the token ids the engine sampled; `n_bad` of `n_rows` sequences differ."""
-    return Check("token_mismatch", not n_bad,
-                 f"{label}: {n_bad} of {n_rows} completion(s) hold token ids the engine did not sample" +
-                 (f" ({example})" if example else "") if n_bad else
-                 f"{label}: the trainer scores exactly the token ids the engine sampled ({n_rows} completions)",
-                 "" if not n_bad else "never decode and re-encode a completion between the engine and the loss: "
-                                      "pass the engine's token ids through (multi-turn: append, never re-tokenise)",
-                 measured=n_bad, threshold=0)
-
-
-def self_consistency_check(stats: dict, caps: dict) -> Check:
-    """The trainer's own logprobs of one batch scored whole and one sequence at a time: the floor the thresholds are
-    calibrated from. Over a catastrophic cap (`caps`: calibrate.CAPS of the dtype) the trainer disagrees with itself
-    by more than any healthy implementation does, and no threshold derived from that floor would mean anything."""
-    keys = [k for k in ("mean_abs_logprob_diff", "p99_abs_logprob_diff", "max_abs_logprob_diff") if k in caps]
-    over = [f"{SHORT[k]} {stats[k]:.3g} > {caps[k]:.3g}" for k in keys if not within(stats[k], caps[k])]
-    ok = not over and not stats.get("n_nonfinite")
-    return Check("trainer_consistency", ok,
-                 f"trainer vs itself (micro-batch {stats.get('batch_size', '?')} vs 1): max |Δ|="
-                 f"{stats['max_abs_logprob_diff']:.3g}, mean {stats['mean_abs_logprob_diff']:.3g}"
-                 + (f"; over the cap: {', '.join(over)}" if over else ""),
-                 "" if ok else "the trainer's logprobs depend on batch composition or padding: check the attention "
-                               "mask / position ids the model receives for padded rows",
-                 measured={k: stats[k] for k in keys}, threshold={k: caps[k] for k in keys})
-
-
-
+class GateRun:
+    """A gate run with what it measured: the report, the probe it rests on and the floors it calibrated from."""
+
+    report: GateReport
+    probe: ProbeResult | None
+    floors: dict
+
+
+class GateRunner:
+    """Probe and full-gate methods of CorrectGRPOTrainer (see module docstring)."""
+
+    def probe(self, prompt_ids: list[list[int]] | None = None, temperature: float | None = None) -> ProbeResult:
+        """Engine samples from the probe prompts; the trainer scores the same tokens (both at `temperature`, default
+        the config's)."""
+        prompt_ids = self.probe_prompts() if prompt_ids is None else prompt_ids
+        t = self.temperature if temperature is None else temperature
+        completion_ids, engine_lps = self.engine.sample(prompt_ids, max_tokens=self.args.probe_tokens,
+                                                        seed=PROBE_SEED + self.args.seed, temperature=t)
+        with self.at_temperature(t):
+            trainer_lps, mask = self.score(prompt_ids, completion_ids)
+        engine_lps = pad([torch.tensor(x, dtype=torch.float32) for x in engine_lps], padding_value=float("nan"),
+                         padding_side="right").to(trainer_lps.device)
+        m = measure(trainer_lps, engine_lps, mask, self.correction)
+        return ProbeResult(prompt_ids, completion_ids, trainer_lps, engine_lps, m.keep, m.stats, m.gaps, t)
+
+    @contextmanager
+    def at_temperature(self, t: float):
+        """Score at temperature `t` through the same path as always: TRL's fused head (and the processed head when
+        the sampler does more) re-installed at `t` for the duration, then the trainer's own head back."""
+        if t == self.temperature:
+            yield
+            return
+        model = scoring_model(self.accelerator.unwrap_model(self.model))
+        saved = (model.forward, self.temperature, self.sampler)
+        self.temperature, self.sampler = t, replace(self.sampler, temperature=t)
+        add_fused_lm_head(model, temperature=t, cast_lm_head_to_fp32=self.args.fp32_lm_head,
+                          outputs=("log_probs", "entropy"))
+        if self.sampler.transforms and not self.sampler_unsupported:
+            add_processed_head(model, self.sampler, fp32_lm_head=self.args.fp32_lm_head)
+        try:
+            yield
+        finally:
+            model.forward, self.temperature, self.sampler = saved
+
+    @torch.no_grad()
+    def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]):
+        """Trainer logprobs of `completion_ids` after `prompt_ids`, through TRL's own scoring path.
+        Returns (trainer_logprobs [B, T], mask [B, T])."""
+        b = padded_batch(prompt_ids, completion_ids, pad_token_id(self), self.accelerator.device)
+        ids = torch.cat([b["prompt_ids"], b["completion_ids"]], 1)
+        attn = torch.cat([b["prompt_mask"], b["completion_mask"]], 1)
+        lps, _, _ = score(self, ids, attn, b["completion_ids"].size(1), self.args.per_device_train_batch_size)
+        return lps.float(), b["completion_mask"]
+
+    # -- floors and calibration ------------------------------------------------------------------------------------
+    def without_autocast(self):
+        """TRL's scoring with accelerate's autocast off: the fp32 reference of a bf16/fp16 trainer with fp32
+        weights."""
+        return _set_for_a_while(self.accelerator, "native_amp", False)
+
+    def measure_floors(self, probe: ProbeResult) -> dict:
+        """The noise floors of calibrate.py, on the probe's tokens and the trainer alone: its batch scored whole vs
+        one sequence at a time, and (bf16/fp16 with fp32 weights) under autocast vs in fp32. A floor that cannot be
+        measured here is a string saying why. Taken over all ranks (the maximum), so every rank decides alike."""
+        floors = {"trainer_vs_itself": self_consistency(self, probe.prompt_ids, probe.completion_ids,
+                                                        probe.trainer_logprobs, probe.mask)}
+        weights = {p.dtype for p in self.accelerator.unwrap_model(self.model).parameters()}
+        if self.compute_dtype == "float32":
+            floors["dtype_rounding"] = "the trainer computes in float32: no wider reference without a copy"
+        elif weights != {torch.float32} or not self.accelerator.native_amp:
+            floors["dtype_rounding"] = (f"the trainer's weights are {sorted(str(w) for w in weights)} without "
+                                        "autocast: no fp32 reference without a copy")
+        else:
+            with self.without_autocast():
+                reference, _ = self.score(probe.prompt_ids, probe.completion_ids)
+            floors["dtype_rounding"] = summarize_gaps(*valid_gaps(probe.trainer_logprobs, reference, probe.mask))
+        return self._max_over_ranks(floors)
+
+    def engine_floor(self, probe: ProbeResult) -> dict:
+        """The engine against itself across batch compositions: each probe prompt sampled alone with the probe's
+        seed, its logprobs compared with the batched probe's on the tokens both runs sampled alike (the doctor's
+        --calibrate; the gate does not use it, so that a broken engine never loosens its own thresholds)."""
+        gaps = []
+        for i, (prompt, completion) in enumerate(zip(probe.prompt_ids, probe.completion_ids)):
+            ids, lps = self.engine.sample([prompt], max_tokens=self.args.probe_tokens,
+                                          seed=PROBE_SEED + self.args.seed, temperature=probe.temperature)
+            same = next((j for j, (x, y) in enumerate(zip(completion, ids[0])) if x != y),
+                        min(len(completion), len(ids[0])))
+            gaps.append(torch.tensor(lps[0][:same], dtype=torch.float64)
+                        - probe.engine_logprobs[i, :same].double().cpu())
+        r = torch.cat(gaps) if gaps else torch.zeros(0, dtype=torch.float64)
+        finite = torch.isfinite(r)
+        return summarize_gaps(r[finite], int((~finite).sum()))
+
+    def _max_over_ranks(self, floors: dict) -> dict:
+        if self.accelerator.num_processes == 1:
+            return floors
+        merged = {}
+        for rank_floors in gather_object([floors]):
+            for name, f in rank_floors.items():
+                old = merged.get(name)
+                if not isinstance(f, dict) or not isinstance(old, dict):
+                    merged[name] = f if old is None or isinstance(f, dict) else old
+                else:
+                    merged[name] = {k: (old[k] + f[k] if k in ("n_tokens", "n_nonfinite") else max(old[k], f[k]))
+                                    if isinstance(f.get(k), (int, float)) else f[k] for k in f}
+        return merged
+
+    def calibrate(self, floors: dict) -> Calibration:
+        """Set the thresholds from `floors` (calibrate.py's rule; the config's own thresholds win) and return them."""
+        a = self.args
+        self.calibration = calibrate(floors if a.calibrate else {}, self.compute_dtype, self.on_gpu,
+                                     user=a.user_thresholds(), bit_exact=a.bit_exact)
+        self.thresholds = self.calibration.values()
+        return self.calibration
+
+    # -- checks ----------------------------------------------------------------------------------------------------
+    def _probe_checks(self, probe: ProbeResult) -> list[Check]:
+        """The probe's mismatch, non-finite and clip checks; with prefix caching on, the probe is re-measured on
+        prompts whose prefix cannot be cached (first token changed): scoring clearly better there names the stale
+        cache as the cause."""
+        stats = probe.stats
+        check = mismatch_check(stats, self.thresholds)
+        checks = [check, non_finite_check(stats["n_nonfinite"]), clip_check(stats["clip_frac"],
+                                                                            self.args.max_clip_frac)]
+        checks += [support_check(stats["n_outside_support"], "probe")] if stats["n_outside_support"] else []
+        if self.engine.settings.enable_prefix_caching:
+            vocab = self.accelerator.unwrap_model(self.model).config.vocab_size
+            self._fresh_shift = self._fresh_shift % (vocab - 1) + 1  # a new first token each time: never cached
+            fresh = self.probe([[(p[0] + self._fresh_shift) % vocab] + p[1:] for p in probe.prompt_ids]).stats
+            cached_mean, fresh_mean = stats["mean_abs_logprob_diff"], fresh["mean_abs_logprob_diff"]
+            worse = (cached_mean > STALE_FACTOR * fresh_mean
+                     and cached_mean - fresh_mean > STALE_MIN_SHARE * self.thresholds["mean_abs_logprob_diff"])
+            if worse or (not check.passed and mismatch_check(fresh, self.thresholds).passed):
+                checks.append(stale_cache_check(stats, fresh, STALE_FACTOR))
+        return checks
+
+    def _audit_checks(self, probe: ProbeResult, engine_ignores_t: bool) -> list[Check]:
+        """The start gate's checks beyond the probe: a dry batch through TRL's `_generate` (token identity), the
+        temperature applied once (a second probe, at T=1 or away from it) and the loss audit."""
+        if self.temperature == 1.0:
+            t, at_one, at_t = ALT_TEMPERATURE, probe.stats, self.probe(probe.prompt_ids, ALT_TEMPERATURE).stats
+        else:
+            t, at_one, at_t = self.temperature, self.probe(probe.prompt_ids, 1.0).stats, probe.stats
+        losses, grads = loss_audit(self, probe.prompt_ids, probe.completion_ids, probe.trainer_logprobs)
+        rows, sampled = generated_rows(self)  # whole completions, as generated: no EOS masking yet
+        return [self._identity_check(rows, sampled, "generation through TRL's _generate"),
+                temperature_check(at_one, at_t, t, self.thresholds, engine_ignores_t),
+                loss_audit_check(losses, grads, scales=AUDIT_SCALES, linear=self.loss_type in LINEAR_LOSS_TYPES)]
+
+    def _identity_check(self, rows, sampled: dict, label: str, eos_ids=()) -> Check:
+        """token_identity over this rank's rows, counted over all ranks (audit.token_identity for the arguments)."""
+        n_bad, example = token_identity(rows, sampled, eos_ids)
+        n_rows, n_bad = (int(x) for x in self.accelerator.gather(
+            torch.tensor([[len(rows), n_bad]], device=self.accelerator.device)).sum(0))
+        return token_identity_check(n_rows, n_bad, example, label)
+
+    def gate_checks(self, when: str) -> GateRun:
+        """Every check `SCHEDULE` lists for `when` (start / interval / sync), on the engine as it is now (the caller
+        has synced it). Does not apply the policy."""
+        caching = self.engine.settings.enable_prefix_caching
+        checks, probe, floors = [], None, {}
+        facts = (self.trainer_facts(), self.engine.facts()) if due("static", when, caching) else None
+        if facts:
+            checks += static_checks(*facts)
+        if due("prefix_cache_reset", when, caching) and caching:
+            checks.append(reset_check(self.engine.last_reset_ok))
+        if due("weight_sync", when, caching) and self.args.verify_weight_sync:
+            checks.append(self.last_sync_check)
+        blocked = [c.name for c in checks if not c.passed and c.name in BLOCKING]
+        if self.accelerator.num_processes > 1:  # every rank probes or none does: the probe has collectives (a TP
+            blocked = sorted({b for r in gather_object([blocked]) for b in r})  # engine, the floors' max over ranks)
+        if due("probe", when, caching) and not blocked:
+            probe = self.probe()
+            consistency = None
+            if due("calibration", when, caching):
+                floors = self.measure_floors(probe)
+                self.calibrate(floors)
+                consistency = self_consistency_check(floors["trainer_vs_itself"], CAPS[self.calibration.dtype])
+            checks += self._probe_checks(probe)
+            if due("audits", when, caching):
+                raw = facts is not None and not next(c for c in checks if c.name == "logprobs_mode").passed
+                audits = self._audit_checks(probe, engine_ignores_t=raw)
+                checks += audits[:2] + ([consistency] if consistency else []) + audits[2:]
+            elif consistency:
+                checks.append(consistency)
+            if due("extra", when, caching):
+                checks += list(self.extra_checks(probe))
+        mismatch = dict(probe.stats, thresholds=self.thresholds) if probe else {}
+        report = GateReport(tuple(checks), mismatch, self.calibration.to_dict() if floors else None)
+        return GateRun(self._merge(report), probe, floors)
+
+    def run_gate(self) -> GateReport:
+        """Sync the trainer's weights into the engine, then run every check of the start gate. Does not apply the
+        policy. `full_gate()` returns the probe and floors with the report."""
+        return self.full_gate().report
+
+    def full_gate(self) -> GateRun:
+        with quiet_trackers(self), self.gate_phase():
+            self.sync_engine()
+            return self.gate_checks("start")
+
+    def gate_phase(self):
+        """`in_gate` is true while a gate runs its own probes and audits (TRL's loss and generation included)."""
+        return _set_for_a_while(self, "in_gate", True)
+
+    def _merge(self, report: GateReport) -> GateReport:
+        """One verdict for all ranks: the first failing rank's report, else this rank's."""
+        if self.accelerator.num_processes == 1:
+            return report
+        reports = gather_object([report])
+        return next((r for r in reports if not r.passed), report)

@@ -29,20 +29,20 @@ import torch
 from trl import GRPOTrainer
 
 from . import certificate
-from .audit import attention_default, attention_dropped, dropout_sources
-from .calibrate import calibrate
+from .adapters.audit import attention_default, attention_dropped, dropout_sources
+from .core.calibrate import calibrate
 from .config import CorrectGRPOConfig
-from .engine import Engine, EngineSettings, sampler_order
-from .facts import TrainerFacts, generation_defaults
-from .gate import (Check, GateFailure, GateReport, clip_check, mismatch_check, missed_sync_check, non_finite_check,
+from .adapters.engine import Engine, EngineSettings, sampler_order
+from .core.facts import TrainerFacts, generation_defaults
+from .core.checks import (Check, GateFailure, GateReport, clip_check, mismatch_check, missed_sync_check, non_finite_check,
                    support_check, weight_sync_check)
-from .head import add_processed_head, why_unreproducible
-from .numerics import RATIO_KEYS, is_weights, measure
-from .probe import PAST_BLOCK_TOKENS, GateRunner
-from .trl_api import (METRIC_LENGTH, METRIC_REWARD, PREFIX_CHECKPOINT_DIR, building_without_trl_engine, dist,
+from .adapters.head import add_processed_head, why_unreproducible
+from .core.numerics import RATIO_KEYS, is_weights, measure
+from .gate import PAST_BLOCK_TOKENS, GateRunner
+from .adapters.trl_api import (METRIC_LENGTH, METRIC_REWARD, PREFIX_CHECKPOINT_DIR, building_without_trl_engine, dist,
                       engine_current, get_last_checkpoint, mark_engine_current, metrics, tokenize_prompts,
                       version_guard)
-from .weights import policy_weights, scoring_model
+from .adapters.weights import policy_weights, scoring_model
 
 logger = logging.getLogger("trl_correct")
 STATE_FILE = "correctness_state.json"  # the gate's state inside each checkpoint folder

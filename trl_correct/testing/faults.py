@@ -185,7 +185,7 @@ def _temperature(power):
     def fault(t):
         # the trainer's hidden state scaled by T^-power before the head: power 1 divides the logits by the temperature
         # a second time, power -1 undoes TRL's division (temperature never applied). Reads the live temperature.
-        from .weights import scoring_model
+        from ..adapters.weights import scoring_model
 
         norm = scoring_model(t.accelerator.unwrap_model(t.model)).base_model.norm
         handle = norm.register_forward_hook(lambda m, i, out: out / t.temperature ** power)

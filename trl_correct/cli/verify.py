@@ -39,9 +39,9 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-from . import certificate
-from .calibrate import DECIDING
-from .gate import SHORT
+from .. import certificate
+from ..core.calibrate import DECIDING
+from ..core.checks import SHORT
 
 ADAPTER_FILE = "adapter_config.json"  # PEFT's: the folder holds an adapter, not a whole model
 # Fields verify sets whatever the recipe says: it builds a trainer to gate, never to train or save.
@@ -138,7 +138,7 @@ def check(path: str, cert: dict, recipe: str | None, flags: list[str]) -> tuple[
 # -- building the trainer under the certificate's settings ---------------------------------------------------------
 
 def _verifier_class():
-    from .trainer import CorrectGRPOTrainer
+    from ..trainer import CorrectGRPOTrainer
 
     class Verifier(CorrectGRPOTrainer):
         """A CorrectGRPOTrainer whose engine is built by `build_engine()`, after the weights are known to be the
@@ -163,7 +163,7 @@ def build_verifier(path: str, cert: dict, recipe: str | None, flags: list[str], 
     import yaml
     from trl import ModelConfig, TrlParser
 
-    from .config import CorrectGRPOConfig
+    from ..config import CorrectGRPOConfig
     from .train import TrainScriptArguments, load_prompts, load_reward, resolve_model
 
     certified = cert["settings"]["config"]
@@ -207,7 +207,7 @@ def load_adapter(path: str, base: str | None, args):
     """The PEFT adapter in `path` on its base model (`base`, or the adapter's base_model_name_or_path), loaded as TRL
     loads a policy (model_init_kwargs, float32 unless they say otherwise), trainable as in training."""
     from peft import PeftConfig, PeftModel
-    from .trl_api import create_model_from_path
+    from ..adapters.trl_api import create_model_from_path
 
     from .train import resolve_model
 

@@ -33,8 +33,8 @@ import vllm.envs as vllm_envs  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402
 
 from . import fingerprint as fp  # noqa: E402
-from .facts import EngineFacts, TransformersBackend, generation_defaults  # noqa: E402
-from .sampler import SAMPLER_FIELDS, VLLM_V1_ORDER, SamplerSpec  # noqa: E402
+from ..core.facts import EngineFacts, TransformersBackend, generation_defaults  # noqa: E402
+from ..core.sampler import SAMPLER_FIELDS, VLLM_V1_ORDER, SamplerSpec  # noqa: E402
 
 # SamplingParams fields that change the sampled distribution in ways the trainer does not reproduce (vLLM 0.31:
 # applied before the penalties, or by structured decoding).

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .numerics import summarize_gaps, valid_gaps
+from ..core.numerics import summarize_gaps, valid_gaps
 from .trl_api import ENTROPY_STATE, generate, metrics, pad, pad_token_id
 
 AUDIT_SCALES = (0.0, 1.0, 2.0)  # the importance weights times these: the policy term must move by equal steps

@@ -22,8 +22,8 @@ import argparse
 import json
 import sys
 
-from .faults import FAULTS, run_with_faults
-from .numerics import MISMATCH_KEYS
+from ..testing.faults import FAULTS, run_with_faults
+from ..core.numerics import MISMATCH_KEYS
 
 MISMATCH_OUT = [k for k in MISMATCH_KEYS if k != "n_nonfinite"]
 

@@ -14,8 +14,8 @@ at their released values, a short pre-training so the logits are far from unifor
 
 Knows transformers and torch; nothing of vLLM or TRL.
 
-    python -m trl_correct.tiny          # build (or find) the model and print its directory
-    python -m trl_correct.tiny gemma2   # build (or find) one family's model (or `all`) and print its directory
+    python -m trl_correct.tasks.tiny          # build (or find) the model and print its directory
+    python -m trl_correct.tasks.tiny gemma2   # build (or find) one family's model (or `all`) and print its directory
 """
 
 import functools
@@ -109,7 +109,7 @@ def tiny_model_dir(build: bool = True) -> Path:
     out = cache_root() / f"tiny-{TINY_VERSION}"
     if not (out / "done").exists():
         if not build:
-            raise FileNotFoundError(f"{out} not built; run `python -m trl_correct.tiny`")
+            raise FileNotFoundError(f"{out} not built; run `python -m trl_correct.tasks.tiny`")
         _build(out)
     return out
 
@@ -122,7 +122,7 @@ def tiny_family_dir(family: str, build: bool = True) -> Path:
     out = cache_root() / f"family-{family}-{FAMILY_VERSION}"
     if not (out / "done").exists():
         if not build:
-            raise FileNotFoundError(f"{out} not built; run `python -m trl_correct.tiny {family}`")
+            raise FileNotFoundError(f"{out} not built; run `python -m trl_correct.tasks.tiny {family}`")
         _build_family(out, FAMILIES[family])
     return out
 

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return verify(rest)
     if cmd == "build-tiny":
-        from .tiny import tiny_model_dir
+        from ..tasks.tiny import tiny_model_dir
 
         print(tiny_model_dir())
         return 0

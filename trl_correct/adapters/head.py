@@ -13,7 +13,7 @@ from contextlib import nullcontext
 
 import torch
 
-from .sampler import VLLM_V1_ORDER, SamplerSpec, history, token_logprobs
+from ..core.sampler import VLLM_V1_ORDER, SamplerSpec, history, token_logprobs
 from .trl_api import FusedCausalLMOutput
 
 

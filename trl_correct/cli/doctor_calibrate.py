@@ -21,10 +21,10 @@ import json
 import sys
 from datetime import date
 
-from .calibrate import CALIBRATED, CAP_ONLY, calibrate
-from .config import THRESHOLD_FIELDS
-from .faults import FAULTS, calibration_faults, run_with_faults
-from .gate import SHORT
+from ..core.calibrate import CALIBRATED, CAP_ONLY, calibrate
+from ..config import THRESHOLD_FIELDS
+from ..testing.faults import FAULTS, calibration_faults, run_with_faults
+from ..core.checks import SHORT
 
 
 def _fmt(x) -> str:
