@@ -200,6 +200,9 @@ class Engine:
         self.sync_count = 0
         self.last_sync_stale: list[str] = []
         self.last_reset_ok: bool | None = None
+        self._resets = 0  # calls of vLLM's prefix-cache reset
+        self.syncs_without_reset = 0  # syncs (prefix caching on) after which vLLM's cache reset was never called
+        self.repush_stale: list[str] = []  # stale groups of re-pushes inside sample() (sleep mode), until taken
         self.verify_after_sync = True  # fingerprint after every sync (costs one read of the weights on each side)
         self.sleeping = False  # level-2 sleep: the engine's weights are discarded until the next load
         self.sampled: dict = defaultdict(list)  # prompt ids -> completions sampled for it since the last take_sampled()
@@ -264,7 +267,8 @@ class Engine:
             compute_dtype=str(mc.dtype).removeprefix("torch."), head_dtype=str(head).removeprefix("torch."),
             head_dtype_supported=head_dtype_supported(), logprobs_mode=str(mc.logprobs_mode),
             sampler=SamplerSpec(**{k: getattr(sp, k) for k in SAMPLER_FIELDS}, order=sampler_order()),
-            prefix_caching=bool(cfg.cache_config.enable_prefix_caching), reset_after_sync=True,
+            prefix_caching=bool(cfg.cache_config.enable_prefix_caching),
+            reset_after_sync=self.syncs_without_reset == 0,
             async_scheduling=bool(getattr(cfg.scheduler_config, "async_scheduling", False)),
             generation_config=self.generation_defaults,
             unreproduced={k: v for k, v in self.settings.generation_kwargs.items() if k in UNREPRODUCED_KWARGS and v},
@@ -303,6 +307,9 @@ class Engine:
         self._rpc(_refresh_shared)
 
     def reset_prefix_cache(self) -> bool:
+        """vLLM's prefix-cache reset and its answer (False: refused, blocks still held); counted, so whether every
+        sync was followed by a real reset is a measured fact (`EngineFacts.reset_after_sync`)."""
+        self._resets += 1
         return bool(self.llm.reset_prefix_cache())
 
     # -- sleep mode (GPU colocate): weights discarded between generations, reloaded and verified on wake ------------
@@ -335,7 +342,9 @@ class Engine:
         self.load_weights(tap(pairs) if self.verify_after_sync else pairs)
         self.sync_count += 1
         if self.settings.enable_prefix_caching:
+            resets = self._resets
             self.last_reset_ok = self.reset_prefix_cache()
+            self.syncs_without_reset += self._resets == resets
         self.last_sync_stale = self.verify(expected) if self.verify_after_sync else []
         return self.last_sync_stale
 
@@ -363,7 +372,7 @@ class Engine:
         the engine's for the sampled token, NaN where vLLM gave none."""
         if self.settings.enable_sleep_mode:
             if self.sleeping:  # level 2 discarded the weights: waking is not enough, they must be re-pushed
-                self.sync_weights()
+                self.repush_stale += self.sync_weights()  # verified like any sync; the gate reads take_repush_stale()
             self.wake_up(tags=["kv_cache"])
         mine = [list(p) for p in prompt_ids]
         start, everyone = 0, mine
@@ -394,6 +403,12 @@ class Engine:
         for p, c in zip(prompts, ids):
             self.sampled[tuple(p)].append(tuple(c))
         return [list(p) for p in prompts], ids, [[[x] for x in s] for s in lps], [[[t] for t in s] for s in ids]
+
+    def take_repush_stale(self) -> list[str]:
+        """Stale groups found by the verification of the re-pushes `sample()` made since the last call (sleep mode:
+        level-2 sleep discards the weights, so every generation reloads them), then forgotten."""
+        stale, self.repush_stale = self.repush_stale, []
+        return stale
 
     def take_sampled(self) -> dict:
         """{prompt ids: [completion ids, ...]} the engine sampled for TRL since the last call (then forgotten)."""
