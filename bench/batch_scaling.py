@@ -48,7 +48,7 @@ def child(a) -> None:
     if a.fault != "none":
         inject(trainer, a.fault, at_step=1)
     trainer.train()
-    th = trainer.thresholds
+    th = trainer.gate.thresholds
     rows = [{"step": r["step"], **{k: r[k] for k in KEYS}, "n_tokens": r["n_tokens"],
              "fails": not mismatch_check(r, th).passed} for r in trainer.step_records]
     with open(a.out, "w") as f:

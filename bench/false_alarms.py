@@ -69,8 +69,8 @@ def child(a) -> None:
             alarm = {"step": "large", "causes": e.report.causes, "detail": e.report.table()}
     fixed = calibrate({}, trainer.compute_dtype, trainer.on_gpu).values()
     report = trainer.gate_report
-    out = dict(seed=a.seed, alarm=alarm, thresholds=trainer.thresholds, fixed=fixed,
-               calibration=trainer.calibration.to_dict(), probe=report.mismatch if report else None,
+    out = dict(seed=a.seed, alarm=alarm, thresholds=trainer.gate.thresholds, fixed=fixed,
+               calibration=trainer.gate.calibration.to_dict(), probe=report.mismatch if report else None,
                steps=steps, large=large)
     with open(a.out, "w") as f:
         json.dump(out, f, default=str)

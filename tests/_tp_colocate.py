@@ -24,8 +24,8 @@ probe_max = report.mismatch["max_abs_logprob_diff"]
 step_max = max(s["max_abs_logprob_diff"] for s in steps)
 print(f"rank {rank}: gate {'PASS' if report.passed else 'FAIL ' + str(report.causes)}, probe max {probe_max:.3g}, "
       f"steps {len(steps)}, step max {step_max:.3g}, tis {[s['tis_enabled'] for s in steps]}, syncs "
-      f"{trainer.engine.sync_count}, last sync {'ok' if trainer.last_sync_check.passed else 'STALE'}", flush=True)
-ok = report.passed and probe_max < 1e-4 and step_max < 1e-4 and len(steps) == 2 and trainer.last_sync_check.passed
+      f"{trainer.engine.sync_count}, last sync {'ok' if trainer.gate.last_sync_check.passed else 'STALE'}", flush=True)
+ok = report.passed and probe_max < 1e-4 and step_max < 1e-4 and len(steps) == 2 and trainer.gate.last_sync_check.passed
 inject(trainer, "stale_shard")  # the last rank of the group skips one weight from now on; the last update is unsynced
 check = trainer.sync_engine()
 print(f"rank {rank}: after stale_shard: {check.name} {'ok' if check.passed else 'FAILED'}: {check.detail}", flush=True)

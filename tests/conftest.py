@@ -58,9 +58,9 @@ def train_and_measure(trainer) -> tuple[float, list[float]]:
     max |trainer - engine| gap). A sync that works keeps the gaps tiny while the move is large."""
     prompts = trainer.probe_prompts()
     ids, _ = trainer.engine.sample(prompts, max_tokens=8, seed=7)
-    before, mask = trainer.score(prompts, ids)
+    before, mask = trainer.gate.policy.score(prompts, ids)
     trainer.train()
-    after, _ = trainer.score(prompts, ids)
+    after, _ = trainer.gate.policy.score(prompts, ids)
     return (after - before).abs()[mask.bool()].max().item(), [r["max_abs_logprob_diff"] for r in trainer.step_records]
 
 

@@ -92,10 +92,10 @@ def train_family(make_trainer, family: str):
     assert len(gaps) == 2 and max(gaps) < FP32_TOL, gaps
     assert all(r["tis_enabled"] for r in trainer.step_records) and not trainer.failures, trainer.failures
     # the gate's sync, then one per new optimizer step (step 0 trains on the gate's), every one fingerprinted
-    assert trainer.engine.sync_count == 2 and trainer.last_sync_check.passed
-    behind = trainer.probe().stats  # the last update is not in the engine yet: the probe must see it
+    assert trainer.engine.sync_count == 2 and trainer.gate.last_sync_check.passed
+    behind = trainer.gate.probe().stats  # the last update is not in the engine yet: the probe must see it
     check = trainer.sync_engine()
-    after = trainer.probe().stats
+    after = trainer.gate.probe().stats
     assert check.passed and after["max_abs_logprob_diff"] < FP32_TOL, (check, after)
     assert behind["max_abs_logprob_diff"] > 100 * FP32_TOL, behind
     assert moved > 100 * max(gaps + [probe["max_abs_logprob_diff"], after["max_abs_logprob_diff"]]), (moved, gaps)
@@ -127,7 +127,7 @@ def test_transformers_backend_family_trains_and_is_named(make_trainer, monkeypat
     # without the engine's class default, the trainer's forward fails inside TRL as stock colocated vLLM does
     monkeypatch.delattr(backbone, "do_not_compile")
     with pytest.raises(AttributeError, match="do_not_compile"):
-        trainer.score(prompts, ids)
+        trainer.gate.policy.score(prompts, ids)
     monkeypatch.undo()
     # a vLLM whose compile decorator was not read: the gate names the cause and the fix, no traceback from TRL
     monkeypatch.setattr(engine_module, "VERIFIED_COMPILE_DECORATOR", ((0, 0), (0, 0)))

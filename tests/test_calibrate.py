@@ -86,15 +86,15 @@ def test_on_the_real_engine_calibration_names_a_few_fold_fault_the_fixed_values_
     trainer = make_trainer(bf16=True, use_cpu=True)
     base = copy.deepcopy(trainer.engine.settings)
     clean = trainer.full_gate()
-    calibrated, fixed = trainer.thresholds, calibrate({}, "bfloat16").values()
+    calibrated, fixed = trainer.gate.thresholds, calibrate({}, "bfloat16").values()
     assert clean.report.passed, clean.report.table()
     assert calibrated["mean_abs_logprob_diff"] < fixed["mean_abs_logprob_diff"], calibrated  # from the floors
     run = run_with_faults(trainer, ["stale_prefix_cache"], base)
     stale = run.report.mismatch
     assert mismatch_check(stale, fixed).passed, stale  # the fixed bf16 values let it through ...
-    assert not mismatch_check(stale, trainer.thresholds).passed, stale  # ... the calibrated ones do not
+    assert not mismatch_check(stale, trainer.gate.thresholds).passed, stale  # ... the calibrated ones do not
     assert "mismatch" in run.report.causes and "prefix_cache" in run.report.causes, run.report.table()
     ratio = stale["mean_abs_logprob_diff"] / clean.report.mismatch["mean_abs_logprob_diff"]
     print(f"\ncalibration on the real engine: clean mean {clean.report.mismatch['mean_abs_logprob_diff']:.3g}, stale "
           f"cache mean {stale['mean_abs_logprob_diff']:.3g} ({ratio:.1f}x); calibrated mean threshold "
-          f"{trainer.thresholds['mean_abs_logprob_diff']:.3g}, fixed {fixed['mean_abs_logprob_diff']:.3g}")
+          f"{trainer.gate.thresholds['mean_abs_logprob_diff']:.3g}, fixed {fixed['mean_abs_logprob_diff']:.3g}")

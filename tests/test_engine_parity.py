@@ -44,8 +44,8 @@ def test_engine_tracks_trainer_after_real_updates(make_trainer):
     trainer = make_trainer(max_steps=3)
     moved, gaps = train_and_measure(trainer)
     assert len(gaps) == 3 and max(gaps) < FP32_TOL, gaps
-    assert trainer.engine.sync_count == 3 and trainer.last_sync_check.passed
-    behind = trainer.probe().stats  # the last update has not been synced yet: the probe must see it
+    assert trainer.engine.sync_count == 3 and trainer.gate.last_sync_check.passed
+    behind = trainer.gate.probe().stats  # the last update has not been synced yet: the probe must see it
     assert behind["max_abs_logprob_diff"] > 100 * FP32_TOL, behind
     report = trainer.run_gate()  # syncs, verifies and probes again
     assert report.passed and report.mismatch["max_abs_logprob_diff"] < FP32_TOL, report.table()

@@ -19,7 +19,7 @@ def test_lora_parity_holds_after_updates(make_trainer):
     moved, gaps = train_and_measure(trainer)
     assert trainer.gate_report.passed and not trainer.failures and len(gaps) == 4
     assert max(gaps) < FP32_TOL and moved > 100 * max(gaps), (moved, gaps)
-    assert trainer.last_sync_check.passed and trainer.engine.sync_count == 4
+    assert trainer.gate.last_sync_check.passed and trainer.engine.sync_count == 4
     names = [n for n, _ in trainer.engine_weights()]
     assert "model.layers.0.self_attn.q_proj.weight" in names and not any("lora_" in n for n in names)
 

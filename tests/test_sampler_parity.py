@@ -42,8 +42,8 @@ def test_trainer_scores_under_the_engine_transform(make_trainer, name):
     m = report.mismatch
     assert m["n_tokens"] >= 24 and m["max_abs_logprob_diff"] <= FP32_TOL, m
     remove_processed_head(trainer.accelerator.unwrap_model(trainer.model))  # TRL's temperature-only scoring
-    off = trainer.probe().stats
-    assert not mismatch_check(off, trainer.thresholds).passed or off["n_outside_support"], off
+    off = trainer.gate.probe().stats
+    assert not mismatch_check(off, trainer.gate.thresholds).passed or off["n_outside_support"], off
     assert off["mean_abs_logprob_diff"] > 10 * FP32_TOL, off
 
 

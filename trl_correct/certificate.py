@@ -30,6 +30,7 @@ from pathlib import Path
 
 from .core.calibrate import DECIDING
 from .adapters.fingerprint import fingerprint, group_of
+from .adapters.policy import first_prompts
 from .core.checks import SHORT
 from .core.sampler import SAMPLER_FIELDS, is_off
 
@@ -78,7 +79,8 @@ def digest(fp: dict) -> str:
 def build(trainer, fp: dict, dtypes: dict) -> dict:
     """The certificate of `trainer`'s run as it stands, for weights with fingerprint `fp`."""
     gate = trainer.gate_report.to_dict() if trainer.gate_report is not None else None
-    run = run_summary(trainer.step_records, trainer.failures, trainer.resumes)
+    run = run_summary([r.to_dict() for r in trainer.step_records], [f.to_dict() for f in trainer.failures],
+                      [r.to_dict() for r in trainer.resumes])
     verdict = ("ungated" if gate is None
                else "pass" if gate["verdict"] == "pass" and not run["failures"] and not run["steps_tis_off"]
                else "fail")
@@ -95,12 +97,11 @@ def build(trainer, fp: dict, dtypes: dict) -> dict:
             "trainer": facts_dict(trainer.trainer_facts()),
             "engine": engine,
             "config": {k: _jsonable(getattr(trainer.args, k, None)) for k in CONFIG_FIELDS},
-            "probe_prompts": [_jsonable(trainer.train_dataset[i]["prompt"])
-                              for i in range(min(trainer.args.probe_size, len(trainer.train_dataset)))],
+            "probe_prompts": [_jsonable(p) for p in first_prompts(trainer)],
         },
         "gate": gate,
-        "thresholds": dict(trainer.thresholds),
-        "calibration": trainer.calibration.to_dict(),
+        "thresholds": dict(trainer.gate.thresholds),
+        "calibration": trainer.gate.calibration.to_dict(),
         "run": run,
         "weights": {"algorithm": FINGERPRINT_ALGORITHM, "covers": _covers(trainer), "fingerprint": fp,
                     "dtypes": dtypes, "n_groups": len(fp), "n_elements": sum(c for _, c in fp.values()),

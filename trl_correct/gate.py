@@ -1,27 +1,27 @@
-"""The trainer side of the gate: the probe (the engine samples, the trainer scores the same token ids through TRL's
-own path), the noise floors the thresholds are calibrated from, and the assembly of every check by `SCHEDULE`.
+"""The correctness gate as a component: built from the engine, the trainer's side (adapters/policy.py) and the config;
+it owns the thresholds, the calibration, the last sync check and the gate's records, and answers four calls:
 
-A mixin of CorrectGRPOTrainer (trainer.py), split out to keep each file readable; it uses the trainer's engine, args,
-sampler and TRL's scoring method, and overrides no GRPOTrainer method. Deciding is gate.py's; thresholds are
-calibrate.py's; measuring is numerics.py's.
+    gate.before_training()        sync, then every check of the start gate            -> GateRun
+    gate.after_sync(step)         a new optimizer step's sync and the checks due then -> GateReport
+    gate.on_batch(out, sampled)   the checks of one training batch                    -> BatchVerdict
+    gate.state() / restore(...)   what a checkpoint keeps of it
+
+Which checks run when is data, `SCHEDULE`. Deciding is core/checks.py's, thresholds are core/calibrate.py's,
+measuring is core/numerics.py's; the policy (enforce / warn / observe, TIS on or off) is the trainer's.
 """
 
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
-from accelerate.utils import gather_object
 
-from .adapters.audit import (AUDIT_SCALES, generated_rows, loss_audit, padded_batch, quiet_trackers, self_consistency,
-                    token_identity)
 from .core.calibrate import CAPS, Calibration, calibrate
 from .core.checks import (BLOCKING, LINEAR_LOSS_TYPES, Check, GateReport, clip_check, loss_audit_check, mismatch_check,
-                   non_finite_check, reset_check, self_consistency_check, stale_cache_check, static_checks,
-                   support_check, temperature_check, token_identity_check)
-from .adapters.head import add_processed_head
+                          missed_sync_check, non_finite_check, reset_check, self_consistency_check, stale_cache_check,
+                          static_checks, support_check, temperature_check, token_identity_check, weight_sync_check)
 from .core.numerics import measure, summarize_gaps, valid_gaps
-from .adapters.trl_api import add_fused_lm_head, pad, pad_token_id, score
-from .adapters.weights import scoring_model
+from .core.records import MEAN, Failure, Floors, MismatchStats, StepRecord
+from .adapters.audit import AUDIT_SCALES
+from .adapters.trl_api import pad
 
 PROBE_SEED = 1234
 # Cached-prefix probe this many times worse than the uncached one = stale cache. Clean bf16 CPU runs measured the two
@@ -32,40 +32,30 @@ STALE_MIN_SHARE = 0.1
 # Second temperature of the temperature check when the config's is 1 (at T=1 a temperature applied twice or never
 # changes nothing, so the fault can only show away from it).
 ALT_TEMPERATURE = 0.7
-# Probe prompts are lengthened to one KV block plus this many tokens when prefix caching is on, so that each holds at
-# least one full block a stale cache could serve (vLLM caches full blocks only).
-PAST_BLOCK_TOKENS = 16
 
 # When each group of checks runs (the data the gate is assembled from):
-#   start    the full gate before step 0 (and after a resume), and `run_gate()`
-#   interval every `probe_interval` optimizer steps, after that step's weight sync
+#   start    the full gate before step 0 (and after a resume): `before_training()`
+#   interval every `probe_interval` optimizer steps, after that step's weight sync: `after_sync(step)`
 #   sync     after every other weight sync in training (`sync+caching`: only when prefix caching is on)
-#   batch    every training batch (trainer.py: mismatch, clip share, support, non-finite, token identity)
+#   batch    every training batch: `on_batch(...)`
 SCHEDULE = {
-    "static": ("start", "interval"),  # gate.STATIC_CHECKS on both sides' facts
-    "weight_sync": ("start", "interval", "sync"),  # the engine's fingerprint after the load
+    "static": ("start", "interval"),  # core.checks.STATIC_CHECKS on both sides' facts
+    "weight_sync": ("start", "interval", "sync", "batch"),  # the engine's fingerprint after each load (batch: the
+    #                                                        loads made inside generation, sleep mode)
     "prefix_cache_reset": ("start", "interval", "sync"),  # vLLM's answer to the reset (prefix caching on only)
     "probe": ("start", "interval", "sync+caching"),  # probe mismatch, non-finite, clip share, cache differential
     "calibration": ("start", "interval"),  # floors on the trainer alone -> thresholds; trainer_consistency
     "audits": ("start",),  # dry batch token identity, temperature, loss audit
     "extra": ("start", "interval"),  # a subclass's extra_checks(probe)
+    "batch_identity": ("batch",),  # the scored token ids are the engine's
+    "batch_support": ("batch",),  # sampled tokens inside the trainer's kept set; every logprob finite
+    "batch_mismatch": ("batch",),  # mismatch and clip share of the real batch (decide only while TIS is on)
 }
 
 
-def due(group: str, when: str, caching: bool) -> bool:
+def due(group: str, when: str, caching: bool = False) -> bool:
     runs = SCHEDULE[group]
     return when in runs or (caching and when == "sync" and "sync+caching" in runs)
-
-
-@contextmanager
-def _set_for_a_while(obj, name: str, value):
-    """`obj.name = value` inside the block, the old value restored after it (whatever happens inside)."""
-    saved = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, saved)
 
 
 @dataclass(frozen=True)
@@ -77,7 +67,7 @@ class ProbeResult:
     trainer_logprobs: torch.Tensor  # [B, T]
     engine_logprobs: torch.Tensor  # [B, T] (NaN past each completion's end)
     mask: torch.Tensor  # [B, T] bool: the tokens counted (finite on both sides, inside the trainer's kept set)
-    stats: dict  # numerics.measure's statistics
+    stats: MismatchStats
     gaps: torch.Tensor = field(repr=False)  # |Δlogp| of each counted token (the doctor's plot)
     temperature: float = 1.0
 
@@ -88,78 +78,126 @@ class GateRun:
 
     report: GateReport
     probe: ProbeResult | None
-    floors: dict
+    floors: Floors
 
 
-class GateRunner:
-    """Probe and full-gate methods of CorrectGRPOTrainer (see module docstring)."""
+@dataclass
+class BatchVerdict:
+    """One training batch through the gate: its record, the failed checks (none: passed), and what the loss gets:
+    `keep` (tokens to train on), cleaned logprobs and the importance weights."""
 
+    record: StepRecord
+    failed: list
+    stats: MismatchStats
+    keep: torch.Tensor
+    trainer_logprobs: torch.Tensor
+    engine_logprobs: torch.Tensor
+    weights: torch.Tensor
+
+
+class Gate:
+    """The gate (see module docstring). `engine` is public: the trainer replaces it when it rebuilds the engine."""
+
+    def __init__(self, engine, policy, args, compute_dtype: str, on_gpu: bool):
+        self.engine, self.policy, self.args = engine, policy, args
+        self.compute_dtype, self.on_gpu = compute_dtype, on_gpu
+        # until the gate has measured the floors: the fixed per-dtype values (and the user's)
+        self.calibration: Calibration = calibrate({}, compute_dtype, on_gpu, user=args.user_thresholds(),
+                                                  bit_exact=args.bit_exact)
+        self.thresholds: dict = self.calibration.values()
+        self.last_sync_check: Check | None = None
+        self.synced_step = -1  # optimizer step at which the engine last received the weights
+        self.fresh_shift = 0  # first-token shift of the last uncached probe (prefix-cache differential)
+
+    # -- the four calls --------------------------------------------------------------------------------------------
+    def before_training(self, step: int = 0) -> GateRun:
+        """Sync the trainer's weights (optimizer step `step`) into the engine, then every check of the start gate (no
+        policy applied)."""
+        with self.policy.isolated(trackers=True):
+            self.sync(step)
+            return self.checks("start")
+
+    def after_sync(self, step: int) -> GateReport:
+        """A new optimizer step: sync, then the checks `SCHEDULE` lists after it (interval or sync)."""
+        self.sync(step)
+        with self.policy.isolated():
+            return self.checks("interval" if self.full_check_due(step) else "sync").report
+
+    def full_check_due(self, step: int) -> bool:
+        """Whether the sync at `step` is followed by the interval gate (every `probe_interval` steps) rather than the
+        lighter sync checks; a passing interval gate may switch TIS back on."""
+        every = self.args.probe_interval
+        return bool(every) and step % every == 0
+
+    def on_batch(self, out: dict, sampled: dict, step: int, tis_enabled: bool) -> BatchVerdict:
+        """The checks of one training batch (TRL's output dict `out`; `sampled`: what the engine generated for it).
+        Mismatch and clip share decide only while TIS is on: a drift is reported once, when it switches TIS off."""
+        label = f"batch at step {step}"
+        failed = []
+        if due("weight_sync", "batch"):
+            if self.args.verify_weight_sync and self.synced_step != step:  # generated without this step's weights
+                failed.append(missed_sync_check(step, self.synced_step))
+            stale = self.engine.take_repush_stale()
+            if stale:  # a reload inside generation (sleep mode) did not land
+                failed.append(weight_sync_check(stale, self.engine.sync_count))
+        if due("batch_identity", "batch"):
+            failed.append(self.token_identity_of_batch(out, sampled, label))
+        mask = out["completion_mask"] if "tool_mask" not in out else out["completion_mask"] * out["tool_mask"]
+        m = measure(out["old_per_token_logps"], out["sampling_per_token_logps"], mask, self.policy.correction,
+                    gather=self.policy.gather_flat)
+        stats = MismatchStats.of(m.stats)
+        if due("batch_support", "batch"):
+            failed += [support_check(stats.n_outside_support, label), non_finite_check(stats.n_nonfinite, label)]
+        check = mismatch_check(stats, self.thresholds, label=label)
+        if due("batch_mismatch", "batch") and tis_enabled:
+            failed += [check, clip_check(stats.clip_frac, self.args.max_clip_frac, label)]
+        failed = [c for c in failed if not c.passed]
+        record = StepRecord.of(step, stats, tis_enabled=tis_enabled and not failed,
+                               gate_passed=check.passed and not failed)
+        return BatchVerdict(record, failed, stats, m.keep, m.trainer_logprobs, m.engine_logprobs, m.weights)
+
+    # -- sync ------------------------------------------------------------------------------------------------------
+    def sync(self, step: int) -> Check:
+        """Push the trainer's weights into the engine now and verify them (the weight_sync check)."""
+        count = self.engine.sync_count
+        stale = self.engine.sync_weights()
+        self.policy.engine_synced()  # TRL's generation (the dry batch, the step's batch) must not sync again
+        if self.engine.sync_count == count:  # nothing was streamed: whatever it answered, the engine is as it was
+            self.last_sync_check = missed_sync_check(step, self.synced_step, called=True)
+        else:
+            self.synced_step = step
+            self.last_sync_check = weight_sync_check(list(stale or []), self.engine.sync_count)
+        return self.last_sync_check
+
+    # -- the probe and the floors ----------------------------------------------------------------------------------
     def probe(self, prompt_ids: list[list[int]] | None = None, temperature: float | None = None) -> ProbeResult:
         """Engine samples from the probe prompts; the trainer scores the same tokens (both at `temperature`, default
         the config's)."""
-        prompt_ids = self.probe_prompts() if prompt_ids is None else prompt_ids
-        t = self.temperature if temperature is None else temperature
+        prompt_ids = self.policy.probe_prompts() if prompt_ids is None else prompt_ids
+        t = self.policy.temperature if temperature is None else temperature
         completion_ids, engine_lps = self.engine.sample(prompt_ids, max_tokens=self.args.probe_tokens,
                                                         seed=PROBE_SEED + self.args.seed, temperature=t)
-        with self.at_temperature(t):
-            trainer_lps, mask = self.score(prompt_ids, completion_ids)
+        with self.policy.at_temperature(t):
+            trainer_lps, mask = self.policy.score(prompt_ids, completion_ids)
         engine_lps = pad([torch.tensor(x, dtype=torch.float32) for x in engine_lps], padding_value=float("nan"),
                          padding_side="right").to(trainer_lps.device)
-        m = measure(trainer_lps, engine_lps, mask, self.correction)
-        return ProbeResult(prompt_ids, completion_ids, trainer_lps, engine_lps, m.keep, m.stats, m.gaps, t)
+        m = measure(trainer_lps, engine_lps, mask, self.policy.correction)
+        return ProbeResult(prompt_ids, completion_ids, trainer_lps, engine_lps, m.keep, MismatchStats.of(m.stats),
+                           m.gaps, t)
 
-    @contextmanager
-    def at_temperature(self, t: float):
-        """Score at temperature `t` through the same path as always: TRL's fused head (and the processed head when
-        the sampler does more) re-installed at `t` for the duration, then the trainer's own head back."""
-        if t == self.temperature:
-            yield
-            return
-        model = scoring_model(self.accelerator.unwrap_model(self.model))
-        saved = (model.forward, self.temperature, self.sampler)
-        self.temperature, self.sampler = t, replace(self.sampler, temperature=t)
-        add_fused_lm_head(model, temperature=t, cast_lm_head_to_fp32=self.args.fp32_lm_head,
-                          outputs=("log_probs", "entropy"))
-        if self.sampler.transforms and not self.sampler_unsupported:
-            add_processed_head(model, self.sampler, fp32_lm_head=self.args.fp32_lm_head)
-        try:
-            yield
-        finally:
-            model.forward, self.temperature, self.sampler = saved
-
-    @torch.no_grad()
-    def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]):
-        """Trainer logprobs of `completion_ids` after `prompt_ids`, through TRL's own scoring path.
-        Returns (trainer_logprobs [B, T], mask [B, T])."""
-        b = padded_batch(prompt_ids, completion_ids, pad_token_id(self), self.accelerator.device)
-        ids = torch.cat([b["prompt_ids"], b["completion_ids"]], 1)
-        attn = torch.cat([b["prompt_mask"], b["completion_mask"]], 1)
-        lps, _, _ = score(self, ids, attn, b["completion_ids"].size(1), self.args.per_device_train_batch_size)
-        return lps.float(), b["completion_mask"]
-
-    # -- floors and calibration ------------------------------------------------------------------------------------
-    def without_autocast(self):
-        """TRL's scoring with accelerate's autocast off: the fp32 reference of a bf16/fp16 trainer with fp32
-        weights."""
-        return _set_for_a_while(self.accelerator, "native_amp", False)
-
-    def measure_floors(self, probe: ProbeResult) -> dict:
+    def measure_floors(self, probe: ProbeResult) -> Floors:
         """The noise floors of calibrate.py, on the probe's tokens and the trainer alone: its batch scored whole vs
         one sequence at a time, and (bf16/fp16 with fp32 weights) under autocast vs in fp32. A floor that cannot be
         measured here is a string saying why. Taken over all ranks (the maximum), so every rank decides alike."""
-        floors = {"trainer_vs_itself": self_consistency(self, probe.prompt_ids, probe.completion_ids,
-                                                        probe.trainer_logprobs, probe.mask)}
-        weights = {p.dtype for p in self.accelerator.unwrap_model(self.model).parameters()}
-        if self.compute_dtype == "float32":
-            floors["dtype_rounding"] = "the trainer computes in float32: no wider reference without a copy"
-        elif weights != {torch.float32} or not self.accelerator.native_amp:
-            floors["dtype_rounding"] = (f"the trainer's weights are {sorted(str(w) for w in weights)} without "
-                                        "autocast: no fp32 reference without a copy")
+        floors = {"trainer_vs_itself": self.policy.self_consistency(probe)}
+        why_not = self.policy.fp32_reference_unavailable()
+        if why_not:
+            floors["dtype_rounding"] = why_not
         else:
-            with self.without_autocast():
-                reference, _ = self.score(probe.prompt_ids, probe.completion_ids)
+            with self.policy.fp32_reference():
+                reference, _ = self.policy.score(probe.prompt_ids, probe.completion_ids)
             floors["dtype_rounding"] = summarize_gaps(*valid_gaps(probe.trainer_logprobs, reference, probe.mask))
-        return self._max_over_ranks(floors)
+        return Floors.max_over(self.policy.from_every_rank(floors))
 
     def engine_floor(self, probe: ProbeResult) -> dict:
         """The engine against itself across batch compositions: each probe prompt sampled alone with the probe's
@@ -177,75 +215,21 @@ class GateRunner:
         finite = torch.isfinite(r)
         return summarize_gaps(r[finite], int((~finite).sum()))
 
-    def _max_over_ranks(self, floors: dict) -> dict:
-        if self.accelerator.num_processes == 1:
-            return floors
-        merged = {}
-        for rank_floors in gather_object([floors]):
-            for name, f in rank_floors.items():
-                old = merged.get(name)
-                if not isinstance(f, dict) or not isinstance(old, dict):
-                    merged[name] = f if old is None or isinstance(f, dict) else old
-                else:
-                    merged[name] = {k: (old[k] + f[k] if k in ("n_tokens", "n_nonfinite") else max(old[k], f[k]))
-                                    if isinstance(f.get(k), (int, float)) else f[k] for k in f}
-        return merged
-
-    def calibrate(self, floors: dict) -> Calibration:
+    def calibrate(self, floors: Floors) -> Calibration:
         """Set the thresholds from `floors` (calibrate.py's rule; the config's own thresholds win) and return them."""
         a = self.args
-        self.calibration = calibrate(floors if a.calibrate else {}, self.compute_dtype, self.on_gpu,
+        self.calibration = calibrate(floors.to_dict() if a.calibrate else {}, self.compute_dtype, self.on_gpu,
                                      user=a.user_thresholds(), bit_exact=a.bit_exact)
         self.thresholds = self.calibration.values()
         return self.calibration
 
     # -- checks ----------------------------------------------------------------------------------------------------
-    def _probe_checks(self, probe: ProbeResult) -> list[Check]:
-        """The probe's mismatch, non-finite and clip checks; with prefix caching on, the probe is re-measured on
-        prompts whose prefix cannot be cached (first token changed): scoring clearly better there names the stale
-        cache as the cause."""
-        stats = probe.stats
-        check = mismatch_check(stats, self.thresholds)
-        checks = [check, non_finite_check(stats["n_nonfinite"]), clip_check(stats["clip_frac"],
-                                                                            self.args.max_clip_frac)]
-        checks += [support_check(stats["n_outside_support"], "probe")] if stats["n_outside_support"] else []
-        if self.engine.settings.enable_prefix_caching:
-            vocab = self.accelerator.unwrap_model(self.model).config.vocab_size
-            self._fresh_shift = self._fresh_shift % (vocab - 1) + 1  # a new first token each time: never cached
-            fresh = self.probe([[(p[0] + self._fresh_shift) % vocab] + p[1:] for p in probe.prompt_ids]).stats
-            cached_mean, fresh_mean = stats["mean_abs_logprob_diff"], fresh["mean_abs_logprob_diff"]
-            worse = (cached_mean > STALE_FACTOR * fresh_mean
-                     and cached_mean - fresh_mean > STALE_MIN_SHARE * self.thresholds["mean_abs_logprob_diff"])
-            if worse or (not check.passed and mismatch_check(fresh, self.thresholds).passed):
-                checks.append(stale_cache_check(stats, fresh, STALE_FACTOR))
-        return checks
-
-    def _audit_checks(self, probe: ProbeResult, engine_ignores_t: bool) -> list[Check]:
-        """The start gate's checks beyond the probe: a dry batch through TRL's `_generate` (token identity), the
-        temperature applied once (a second probe, at T=1 or away from it) and the loss audit."""
-        if self.temperature == 1.0:
-            t, at_one, at_t = ALT_TEMPERATURE, probe.stats, self.probe(probe.prompt_ids, ALT_TEMPERATURE).stats
-        else:
-            t, at_one, at_t = self.temperature, self.probe(probe.prompt_ids, 1.0).stats, probe.stats
-        losses, grads = loss_audit(self, probe.prompt_ids, probe.completion_ids, probe.trainer_logprobs)
-        rows, sampled = generated_rows(self)  # whole completions, as generated: no EOS masking yet
-        return [self._identity_check(rows, sampled, "generation through TRL's _generate"),
-                temperature_check(at_one, at_t, t, self.thresholds, engine_ignores_t),
-                loss_audit_check(losses, grads, scales=AUDIT_SCALES, linear=self.loss_type in LINEAR_LOSS_TYPES)]
-
-    def _identity_check(self, rows, sampled: dict, label: str, eos_ids=()) -> Check:
-        """token_identity over this rank's rows, counted over all ranks (audit.token_identity for the arguments)."""
-        n_bad, example = token_identity(rows, sampled, eos_ids)
-        n_rows, n_bad = (int(x) for x in self.accelerator.gather(
-            torch.tensor([[len(rows), n_bad]], device=self.accelerator.device)).sum(0))
-        return token_identity_check(n_rows, n_bad, example, label)
-
-    def gate_checks(self, when: str) -> GateRun:
+    def checks(self, when: str) -> GateRun:
         """Every check `SCHEDULE` lists for `when` (start / interval / sync), on the engine as it is now (the caller
         has synced it). Does not apply the policy."""
         caching = self.engine.settings.enable_prefix_caching
-        checks, probe, floors = [], None, {}
-        facts = (self.trainer_facts(), self.engine.facts()) if due("static", when, caching) else None
+        checks, probe, floors = [], None, Floors()
+        facts = (self.policy.facts(), self.engine.facts()) if due("static", when, caching) else None
         if facts:
             checks += static_checks(*facts)
         if due("prefix_cache_reset", when, caching) and caching:
@@ -253,15 +237,15 @@ class GateRunner:
         if due("weight_sync", when, caching) and self.args.verify_weight_sync:
             checks.append(self.last_sync_check)
         blocked = [c.name for c in checks if not c.passed and c.name in BLOCKING]
-        if self.accelerator.num_processes > 1:  # every rank probes or none does: the probe has collectives (a TP
-            blocked = sorted({b for r in gather_object([blocked]) for b in r})  # engine, the floors' max over ranks)
+        # every rank probes or none does: the probe has collectives (a TP engine, the floors' max over ranks)
+        blocked = sorted({b for r in self.policy.from_every_rank(blocked) for b in r})
         if due("probe", when, caching) and not blocked:
             probe = self.probe()
             consistency = None
             if due("calibration", when, caching):
                 floors = self.measure_floors(probe)
                 self.calibrate(floors)
-                consistency = self_consistency_check(floors["trainer_vs_itself"], CAPS[self.calibration.dtype])
+                consistency = self_consistency_check(floors.trainer_vs_itself, CAPS[self.calibration.dtype])
             checks += self._probe_checks(probe)
             if due("audits", when, caching):
                 raw = facts is not None and not next(c for c in checks if c.name == "logprobs_mode").passed
@@ -270,28 +254,66 @@ class GateRunner:
             elif consistency:
                 checks.append(consistency)
             if due("extra", when, caching):
-                checks += list(self.extra_checks(probe))
-        mismatch = dict(probe.stats, thresholds=self.thresholds) if probe else {}
+                checks += self.policy.extra_checks(probe)
+        mismatch = dict(probe.stats.to_dict(), thresholds=self.thresholds) if probe else {}
         report = GateReport(tuple(checks), mismatch, self.calibration.to_dict() if floors else None)
-        return GateRun(self._merge(report), probe, floors)
+        reports = self.policy.from_every_rank(report)  # one verdict for all ranks: the first failing rank's report
+        return GateRun(next((r for r in reports if not r.passed), report), probe, floors)
 
-    def run_gate(self) -> GateReport:
-        """Sync the trainer's weights into the engine, then run every check of the start gate. Does not apply the
-        policy. `full_gate()` returns the probe and floors with the report."""
-        return self.full_gate().report
+    def _probe_checks(self, probe: ProbeResult) -> list[Check]:
+        """The probe's mismatch, non-finite and clip checks; with prefix caching on, the probe is re-measured on
+        prompts whose prefix cannot be cached (first token changed): scoring clearly better there names the stale
+        cache as the cause."""
+        stats = probe.stats
+        check = mismatch_check(stats, self.thresholds)
+        checks = [check, non_finite_check(stats.n_nonfinite), clip_check(stats.clip_frac, self.args.max_clip_frac)]
+        checks += [support_check(stats.n_outside_support, "probe")] if stats.n_outside_support else []
+        if self.engine.settings.enable_prefix_caching:
+            vocab = self.policy.vocab_size()
+            self.fresh_shift = self.fresh_shift % (vocab - 1) + 1  # a new first token each time: never cached
+            fresh = self.probe([[(p[0] + self.fresh_shift) % vocab] + p[1:] for p in probe.prompt_ids]).stats
+            worse = (stats.mean_abs_logprob_diff > STALE_FACTOR * fresh.mean_abs_logprob_diff
+                     and stats.mean_abs_logprob_diff - fresh.mean_abs_logprob_diff
+                     > STALE_MIN_SHARE * self.thresholds[MEAN])
+            if worse or (not check.passed and mismatch_check(fresh, self.thresholds).passed):
+                checks.append(stale_cache_check(stats, fresh, STALE_FACTOR))
+        return checks
 
-    def full_gate(self) -> GateRun:
-        with quiet_trackers(self), self.gate_phase():
-            self.sync_engine()
-            return self.gate_checks("start")
+    def _audit_checks(self, probe: ProbeResult, engine_ignores_t: bool) -> list[Check]:
+        """The start gate's checks beyond the probe: a dry batch through TRL's `_generate` (token identity), the
+        temperature applied once (a second probe, at T=1 or away from it) and the loss audit."""
+        temp = self.policy.temperature
+        if temp == 1.0:
+            t, at_one, at_t = ALT_TEMPERATURE, probe.stats, self.probe(probe.prompt_ids, ALT_TEMPERATURE).stats
+        else:
+            t, at_one, at_t = temp, self.probe(probe.prompt_ids, 1.0).stats, probe.stats
+        losses, grads = self.policy.loss_audit(probe)
+        rows, sampled = self.policy.dry_batch()  # whole completions, as generated: no EOS masking yet
+        return [self.token_identity(rows, sampled, "generation through TRL's _generate"),
+                temperature_check(at_one, at_t, t, self.thresholds, engine_ignores_t),
+                loss_audit_check(losses, grads, scales=AUDIT_SCALES,
+                                 linear=self.policy.linear_loss(LINEAR_LOSS_TYPES))]
 
-    def gate_phase(self):
-        """`in_gate` is true while a gate runs its own probes and audits (TRL's loss and generation included)."""
-        return _set_for_a_while(self, "in_gate", True)
+    def token_identity(self, rows, sampled: dict, label: str, eos_ids=()) -> Check:
+        """token_identity over this rank's rows, counted over all ranks (audit.token_identity for the arguments)."""
+        return token_identity_check(*self.policy.identity_counts(rows, sampled, eos_ids), label)
 
-    def _merge(self, report: GateReport) -> GateReport:
-        """One verdict for all ranks: the first failing rank's report, else this rank's."""
-        if self.accelerator.num_processes == 1:
-            return report
-        reports = gather_object([report])
-        return next((r for r in reports if not r.passed), report)
+    def token_identity_of_batch(self, out: dict, sampled: dict, label: str) -> Check:
+        """Every scored completion must hold the token ids the engine sampled for its prompt (model tokens only)."""
+        cmask = out["completion_mask"].bool()
+        width = cmask.size(1)
+        scored = torch.where(cmask.any(1), width - cmask.flip(1).int().argmax(1), 0).tolist()  # last scored + 1
+        prompts, pmask = out["prompt_ids"].tolist(), out["prompt_mask"].bool().tolist()  # one copy, not one per row
+        completions = out["completion_ids"].tolist()
+        tools = out["tool_mask"].bool().tolist() if "tool_mask" in out else None
+        rows = []
+        for i, n in enumerate(scored):
+            if not n:  # nothing of this completion is scored (e.g. a masked truncated completion)
+                continue
+            prompt = [t for t, keep in zip(prompts[i], pmask[i]) if keep]
+            rows.append((prompt, completions[i][:n], tools[i][:n] if tools else [True] * n))
+        return self.token_identity(rows, sampled, label, self.policy.eos_token_ids())
+
+    # -- what a checkpoint keeps -----------------------------------------------------------------------------------
+    def failure(self, report: GateReport, step: int, when: str) -> Failure:
+        return Failure(step=step, when=when, report=report.to_dict())

@@ -1,23 +1,17 @@
 """CorrectGRPOTrainer: TRL's GRPOTrainer with a colocated vLLM engine whose parity is proven before any correction.
 
-Overrides (each calls super() and post-processes):
-- __init__: builds the parent without its engine, then our `Engine` (engine.py) in its place.
-- train: runs the gate before step 0 (on a resume: after loading the checkpoint's weights and gate history), switches
-  TIS on only if it passes, writes correctness_report.json at the end.
-- _save_checkpoint: adds the gate state (correctness_state.json) to every TRL checkpoint.
-- save_model: after the weights, writes the parity certificate (correctness_certificate.json, fingerprinting the weights
-  the engine receives) and the model card's "Training correctness" section into the folder (certificate.py): the final
-  model and, through TRL's `_save_checkpoint`, every checkpoint.
-- _generate_and_score_completions: at a new optimizer step, first syncs the engine itself and runs the after-sync
-  checks (probe.SCHEDULE) with the policy, so TRL's own sync finds nothing to do; then measures mismatch on the real
-  batch (before truncation too), drops non-finite and out-of-support tokens from the loss, checks the scored token
-  ids are the engine's, and applies our TIS weights (all ones until the gate has passed).
-- (not a method) when the sampler does more than temperature, the policy's fused LM head is wrapped by head.py so
-  every trainer logprob is taken under the engine's exact transform.
+TRL's hooks and the policy; the gate itself is a component (gate.py), built from the engine, the trainer's side
+(adapters/policy.py) and the config. Overrides (each calls super()):
+- __init__: the parent without its engine, then our `Engine` (adapters/engine.py) and the `Gate`.
+- train: the gate before step 0 (on a resume: after loading the checkpoint's weights and gate history); TIS on only
+  if it passes; correctness_report.json at the end.
+- _generate_and_score_completions: at a new optimizer step, `gate.after_sync(step)` with the policy (TRL's own sync
+  then finds nothing to do); after TRL's generation and scoring, `gate.on_batch(...)`: tokens that cannot be scored
+  leave the loss, the importance weights are ours (all ones until the gate has passed).
+- _save_checkpoint / save_model: the gate state in every checkpoint; the parity certificate beside saved weights.
 Hooks for subclasses: engine_settings(), engine_weights(), trainer_facts(), probe_prompts(), extra_checks(probe),
-correction(), on_gate_failure(). The probe, the floors and the gate's assembly (run_gate) live in probe.py's
-GateRunner mixin. Public state: gate_report, calibration / thresholds, tis_enabled, step_records, failures,
-last_sync_check, in_gate (a gate's own probes and audits are running), training_started.
+correction(), on_gate_failure(). Public state: gate (thresholds, calibration, last_sync_check), gate_report,
+tis_enabled, step_records, failures, resumes, in_gate, training_started.
 """
 
 import json
@@ -30,28 +24,26 @@ from trl import GRPOTrainer
 
 from . import certificate
 from .adapters.audit import attention_default, attention_dropped, dropout_sources
-from .core.calibrate import calibrate
-from .config import CorrectGRPOConfig
 from .adapters.engine import Engine, EngineSettings, sampler_order
-from .core.facts import TrainerFacts, generation_defaults
-from .core.checks import (Check, GateFailure, GateReport, clip_check, mismatch_check, missed_sync_check, non_finite_check,
-                   support_check, weight_sync_check)
 from .adapters.head import add_processed_head, why_unreproducible
-from .core.numerics import RATIO_KEYS, is_weights, measure
-from .gate import PAST_BLOCK_TOKENS, GateRunner
-from .adapters.trl_api import (METRIC_LENGTH, METRIC_REWARD, PREFIX_CHECKPOINT_DIR, building_without_trl_engine, dist,
-                      engine_current, get_last_checkpoint, mark_engine_current, metrics, tokenize_prompts,
-                      version_guard)
+from .adapters.policy import PolicySide
+from .adapters.trl_api import (METRIC_LENGTH, METRIC_REWARD, building_without_trl_engine, checkpoint_folder, dist,
+                               engine_current, get_last_checkpoint, load_checkpoint_weights, mark_engine_current,
+                               metrics, tag_names, version_guard)
 from .adapters.weights import policy_weights, scoring_model
+from .config import CorrectGRPOConfig
+from .core.checks import Check, GateFailure, GateReport
+from .core.facts import TrainerFacts, generation_defaults
+from .core.numerics import is_weights
+from .core.records import METRIC_KEYS, RATIO_KEYS, Failure, Resume, StepRecord
+from .gate import Gate, GateRun
 
 logger = logging.getLogger("trl_correct")
 STATE_FILE = "correctness_state.json"  # the gate's state inside each checkpoint folder
-METRIC_KEYS = ("mean_abs_logprob_diff", "p99_abs_logprob_diff", "max_abs_logprob_diff", "kl_k3", "clip_frac", "ess",
-               *RATIO_KEYS)
 
 
-class CorrectGRPOTrainer(GateRunner, GRPOTrainer):
-    _tag_names = [*GRPOTrainer._tag_names, "trl-correct"]  # TRL's model card lists them as tags
+class CorrectGRPOTrainer(GRPOTrainer):
+    _tag_names = tag_names("trl-correct")  # TRL's model card lists them as tags
 
     def __init__(self, model, reward_funcs, args: CorrectGRPOConfig | None = None, **kwargs):
         if not isinstance(args, CorrectGRPOConfig):
@@ -83,33 +75,32 @@ class CorrectGRPOTrainer(GateRunner, GRPOTrainer):
             add_processed_head(policy, self.sampler, fp32_lm_head=args.fp32_lm_head)
         self.compute_dtype = self._compute_dtype()
         self.on_gpu = self.accelerator.device.type == "cuda"
-        # until the gate has measured the floors: the fixed per-dtype values (and the user's)
-        self.calibration = calibrate({}, self.compute_dtype, self.on_gpu, user=args.user_thresholds(),
-                                     bit_exact=args.bit_exact)
-        self.thresholds = self.calibration.values()
         self.engine = None
+        self.gate = Gate(None, PolicySide(self), args, self.compute_dtype, self.on_gpu)
         self.replace_engine(self.engine_settings())
         self.gate_report: GateReport | None = None
         self.tis_enabled = False  # only a passing gate switches it on
-        self.step_records: list[dict] = []
-        self.failures: list[dict] = []
-        self.resumes: list[dict] = []  # one entry per resume: where from, and the gate state saved there
-        self.in_gate = False  # a gate's own probes and audits are running (they call TRL's loss and generation too)
+        self.step_records: list[StepRecord] = []
+        self.failures: list[Failure] = []
+        self.resumes: list[Resume] = []  # one entry per resume: where from, and the gate state saved there
         self.training_started = False
-        self.last_sync_check: Check | None = None
-        self._synced_step = -1  # optimizer step at which the engine last received the weights
-        self._fresh_shift = 0  # first-token shift of the last uncached probe (prefix-cache differential)
 
     def replace_engine(self, settings: EngineSettings) -> None:
         """(Re)build the colocated engine with `settings`; the next sync gives it the trainer's weights."""
         if self.engine is not None:
             self.engine.close()  # free the old engine (and its KV cache) before building the next
             self.engine = self.vllm_generation = None
-        self.engine = Engine(settings, weights_fn=self.engine_weights, rank=self.accelerator.process_index,
-                             world_size=self.accelerator.num_processes)
+        self.engine = self.gate.engine = Engine(settings, weights_fn=self.engine_weights,
+                                                rank=self.accelerator.process_index,
+                                                world_size=self.accelerator.num_processes)
         self.engine.verify_after_sync = self.args.verify_weight_sync
-        self.vllm_generation = self.engine  # TRL's loop calls generate() on it (and sync_weights(), see sync_engine)
+        self.vllm_generation = self.engine  # TRL's loop calls generate() on it (its own sync finds nothing to do)
         mark_engine_current(self, False)
+
+    @property
+    def in_gate(self) -> bool:
+        """True while the gate runs its own probes and audits (they call TRL's loss and generation too)."""
+        return self.gate.policy.running
 
     # -- hooks -----------------------------------------------------------------------------------------------------
     def engine_settings(self) -> EngineSettings:
@@ -131,36 +122,31 @@ class CorrectGRPOTrainer(GateRunner, GRPOTrainer):
 
     def engine_weights(self):
         """(name, tensor) pairs in checkpoint format that make up the policy, as streamed to the engine (LoRA:
-        base weights with the adapters' deltas added, weights.py)."""
-        if getattr(self, "_unwrapped", (None,))[0] is not self.model:  # unwrap_model reads package metadata: 2 ms
-            self._unwrapped = (self.model, self.accelerator.unwrap_model(self.model))
-        return policy_weights(self._unwrapped[1], dist(self))
+        base weights with the adapters' deltas added, adapters/weights.py)."""
+        if getattr(self, "unwrapped", (None,))[0] is not self.model:  # unwrap_model reads package metadata: 2 ms
+            self.unwrapped = (self.model, self.accelerator.unwrap_model(self.model))
+        return policy_weights(self.unwrapped[1], dist(self))
 
     def trainer_facts(self) -> TrainerFacts:
         """The trainer's side of the static checks: dtypes and the sampler transform its logprobs are taken under
         (temperature in TRL's fused head; everything else in head.py's processed head)."""
+        model = self.accelerator.unwrap_model(self.model)
         return TrainerFacts(
             compute_dtype=self.compute_dtype, head_dtype="float32" if self.args.fp32_lm_head else self.compute_dtype,
             fp32_lm_head=self.args.fp32_lm_head, sampler=self.sampler, sampler_unsupported=self.sampler_unsupported,
-            sampler_defaults_applied=dict(self.sampler_defaults_applied),
-            dropout=tuple(dropout_sources(self.accelerator.unwrap_model(self.model))), bit_exact=self.args.bit_exact,
-            attention_dropped=attention_dropped(self.accelerator.unwrap_model(self.model)))
+            sampler_defaults_applied=dict(self.sampler_defaults_applied), dropout=tuple(dropout_sources(model)),
+            bit_exact=self.args.bit_exact, attention_dropped=attention_dropped(model))
 
     def probe_prompts(self) -> list[list[int]]:
         """Token ids of the probe prompts: the first `probe_size` training prompts. With prefix caching on, each
         is lengthened past one KV block so a stale cached block would be reused (and caught)."""
-        rows = [self.train_dataset[i]["prompt"] for i in range(min(self.args.probe_size, len(self.train_dataset)))]
-        ids = [list(p) for p in tokenize_prompts(self, rows)]
-        if self.engine.settings.enable_prefix_caching:
-            filler = [t for p in ids for t in p]
-            need = self.engine.facts().block_size + PAST_BLOCK_TOKENS
-            ids = [(filler * (need // max(len(filler), 1) + 1))[: max(need - len(p), 0)] + p for p in ids]
-        return ids
+        caching = self.engine.settings.enable_prefix_caching
+        return self.gate.policy.default_probe_prompts(self.engine.facts().block_size if caching else None)
 
     def extra_checks(self, probe) -> list[Check]:
         """Your own gate checks, run with every full gate (before step 0, and every `probe_interval` steps) after the
         built-in ones; a failing Check blocks TIS like any other and its `name` is reported as the cause. `probe`:
-        the gate's probe.ProbeResult (prompt and completion ids, trainer logprobs [B, T], counted mask, stats)."""
+        the gate's gate.ProbeResult (prompt and completion ids, trainer logprobs [B, T], counted mask, stats)."""
         return []
 
     def correction(self, trainer_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor):
@@ -173,12 +159,12 @@ class CorrectGRPOTrainer(GateRunner, GRPOTrainer):
         """Apply the gate policy to a failed report: TIS goes off in every policy; enforce saves a checkpoint (when
         training has started) and raises; warn warns loudly and trains on uncorrected; observe only logs."""
         self.tis_enabled = False
-        self.failures.append({"step": self.state.global_step, "when": when, **report.to_dict()})
+        step = self.state.global_step
+        self.failures.append(Failure(step, when, report.to_dict()))
         if self.args.gate == "enforce":
             if self.training_started:  # keep the work done before the fault: checkpoint, then stop
                 self._save_checkpoint(self.model, trial=None)
-                self.failures[-1]["checkpoint"] = os.path.join(self.args.output_dir,
-                                                               f"checkpoint-{self.state.global_step}")
+                self.failures[-1].checkpoint = os.path.join(self.args.output_dir, f"checkpoint-{step}")
             self.write_report()
             raise GateFailure(report, when)
         msg = f"trl-correct gate failed {when}; training continues WITHOUT importance-sampling correction.\n{report}"
@@ -188,7 +174,7 @@ class CorrectGRPOTrainer(GateRunner, GRPOTrainer):
         else:
             logger.info(msg)
 
-    # -- gate ------------------------------------------------------------------------------------------------------
+    # -- the gate through training ---------------------------------------------------------------------------------
     def _compute_dtype(self) -> str:
         if self.args.bf16:
             return "bfloat16"
@@ -197,33 +183,19 @@ class CorrectGRPOTrainer(GateRunner, GRPOTrainer):
         emb = self.accelerator.unwrap_model(self.model).get_input_embeddings().weight
         return str(emb.dtype).removeprefix("torch.")
 
+    def run_gate(self) -> GateReport:
+        """Sync the trainer's weights into the engine, then every check of the start gate (no policy applied);
+        `gate.before_training()` returns the probe and floors with the report."""
+        return self.full_gate().report
+
+    def full_gate(self) -> GateRun:
+        return self.gate.before_training(self.state.global_step)
+
     def sync_engine(self) -> Check:
-        """Push the trainer's weights into the engine now and verify them (the weight_sync check). TRL's own sync
+        """Push the trainer's weights into the engine now and verify them (the weight_sync check); TRL's own sync
         (inside generation) then finds the engine current and does nothing."""
-        count = self.engine.sync_count
-        stale = self.engine.sync_weights()
-        mark_engine_current(self)
-        if self.engine.sync_count == count:  # nothing was streamed: whatever it answered, the engine is as it was
-            self.last_sync_check = missed_sync_check(self.state.global_step, self._synced_step, called=True)
-        else:
-            self._synced_step = self.state.global_step
-            self.last_sync_check = weight_sync_check(list(stale or []), self.engine.sync_count)
-        return self.last_sync_check
+        return self.gate.sync(self.state.global_step)
 
-    def _sync_and_check(self) -> None:
-        """A new optimizer step's sync, then the checks SCHEDULE lists after it and the policy on their verdict."""
-        self.sync_engine()
-        step, every = self.state.global_step, self.args.probe_interval
-        when = "interval" if every and step % every == 0 else "sync"
-        with self.gate_phase():
-            report = self.gate_checks(when).report
-        if not report.passed:
-            self.on_gate_failure(report, f"after the weight sync at step {step}")
-        elif when == "interval" and not self.tis_enabled:
-            logger.warning("trl-correct gate passes again at step %d: TIS back on", step)
-            self.tis_enabled = True
-
-    # -- training --------------------------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
@@ -247,19 +219,59 @@ class CorrectGRPOTrainer(GateRunner, GRPOTrainer):
             self.training_started = False
             self.write_report()
 
-    def gate_state(self) -> dict:
-        """What a checkpoint keeps of the gate: verdict, thresholds, TIS on/off, every step's metrics, failures."""
-        return {"step": self.state.global_step, "tis_enabled": self.tis_enabled,
-                "gate": self.gate_report.to_dict() if self.gate_report else None, "thresholds": self.thresholds,
-                "calibration": self.calibration.to_dict(), "steps": self.step_records, "failures": self.failures,
-                "resumes": self.resumes}
+    def _generate_and_score_completions(self, inputs):
+        step = self.state.global_step
+        if self.model.training and not engine_current(self):
+            report = self.gate.after_sync(step)
+            if not report.passed:
+                self.on_gate_failure(report, f"after the weight sync at step {step}")
+            elif self.gate.full_check_due(step) and not self.tis_enabled:
+                logger.warning("trl-correct gate passes again at step %d: TIS back on", step)
+                self.tis_enabled = True
+        out = super()._generate_and_score_completions(inputs)
+        sampled = self.engine.take_sampled()
+        if not self.model.training:
+            return out
+        v = self.gate.on_batch(out, sampled, step, self.tis_enabled)
+        if v.stats.n_outside_support or v.stats.n_nonfinite:  # never train on a token either side cannot score
+            mask = out["completion_mask"] if "tool_mask" not in out else out["completion_mask"] * out["tool_mask"]
+            out["completion_mask"] = out["completion_mask"] * (v.keep | ~mask.bool())
+            out["old_per_token_logps"], out["sampling_per_token_logps"] = v.trainer_logprobs, v.engine_logprobs
+        if v.failed:
+            self.on_gate_failure(GateReport(tuple(v.failed), v.stats.to_dict()), f"on the training batch at step {step}")
+        out["importance_sampling_ratio"] = v.weights if self.tis_enabled else torch.ones_like(v.weights)
+        trl_metrics = metrics(self)["train"]
+        record = StepRecord(step, self.tis_enabled, bool(self.gate_report and self.gate_report.passed
+                                                         and v.record.gate_passed), v.record.metrics,
+                            v.stats.n_tokens, v.stats.n_nonfinite,
+                            *(trl_metrics[k][-1] if trl_metrics.get(k) else None  # TRL's value for this batch
+                              for k in (METRIC_REWARD, METRIC_LENGTH)))
+        self.step_records.append(record)
+        for k in ("gate_passed", "tis_enabled", *METRIC_KEYS):
+            name = f"correct/ratio/{k.removeprefix('ratio_')}" if k in RATIO_KEYS else f"correct/{k}"
+            trl_metrics[name].append(float(record[k]))
+        return out
+
+    # -- state -----------------------------------------------------------------------------------------------------
+    def gate_state(self, engine: bool = False) -> dict:
+        """What a checkpoint keeps of the gate (and, `engine`, the report adds: the engine's facts)."""
+        state = {"step": self.state.global_step, "tis_enabled": self.tis_enabled,
+                 "gate": self.gate_report.to_dict() if self.gate_report else None, "thresholds": self.gate.thresholds,
+                 "calibration": self.gate.calibration.to_dict(), "steps": [r.to_dict() for r in self.step_records],
+                 "failures": [f.to_dict() for f in self.failures], "resumes": [r.to_dict() for r in self.resumes]}
+        return {**state, "engine": self.engine.facts().to_dict()} if engine else state
+
+    def write_report(self) -> None:
+        """<output_dir>/correctness_report.json: the start gate report and every step's metrics."""
+        if self.accelerator.is_main_process:
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(os.path.join(self.args.output_dir, "correctness_report.json"), "w") as f:
+                json.dump(self.gate_state(engine=True), f, indent=2, default=str)
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         if self.accelerator.is_main_process:
-            folder = os.path.join(self._get_output_dir(trial=trial),
-                                  f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            with open(os.path.join(folder, STATE_FILE), "w") as f:
+            with open(os.path.join(checkpoint_folder(self, trial), STATE_FILE), "w") as f:
                 json.dump(self.gate_state(), f, indent=2, default=str)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
@@ -269,99 +281,17 @@ class CorrectGRPOTrainer(GateRunner, GRPOTrainer):
     def _restore(self, checkpoint: str) -> None:
         """Load the checkpoint's weights now (so the gate syncs and probes what training resumes from) and its gate
         history. TIS stays off: only the gate that follows can switch it back on."""
-        self._load_from_checkpoint(checkpoint)
-        path = os.path.join(checkpoint, STATE_FILE)
-        saved = {}
+        load_checkpoint_weights(self, checkpoint)
+        path, saved = os.path.join(checkpoint, STATE_FILE), {}
         if os.path.exists(path):
             with open(path) as f:
                 saved = json.load(f)
-            self.step_records, self.failures = saved.get("steps", []), saved.get("failures", [])
-            self.resumes = saved.get("resumes", [])
+            self.step_records = [StepRecord.from_dict(r) for r in saved.get("steps", [])]
+            self.failures = [Failure.from_dict(r) for r in saved.get("failures", [])]
+            self.resumes = [Resume.from_dict(r) for r in saved.get("resumes", [])]
         else:
             logger.warning("trl-correct: %s has no %s (not saved by trl-correct): gate history starts empty",
                            checkpoint, STATE_FILE)
-        self.resumes.append({"from": checkpoint, "step": saved.get("step"),
-                             "saved_gate": (saved.get("gate") or {}).get("verdict"),
-                             "saved_tis_enabled": saved.get("tis_enabled")})
+        self.resumes.append(Resume(checkpoint, saved.get("step"), (saved.get("gate") or {}).get("verdict"),
+                                   saved.get("tis_enabled")))
         self.tis_enabled = False
-
-    def _generate_and_score_completions(self, inputs):
-        if self.model.training and not engine_current(self):
-            self._sync_and_check()
-        out = super()._generate_and_score_completions(inputs)
-        sampled = self.engine.take_sampled()
-        if not self.model.training:
-            return out
-        step = self.state.global_step
-        if self.args.verify_weight_sync and self._synced_step != step:  # generated without this step's weights
-            self.on_gate_failure(GateReport((missed_sync_check(step, self._synced_step),)), f"at step {step}")
-        label = f"batch at step {step}"
-        identity = self._token_identity(out, sampled, label)
-        mask = out["completion_mask"] if "tool_mask" not in out else out["completion_mask"] * out["tool_mask"]
-        m = measure(out["old_per_token_logps"], out["sampling_per_token_logps"], mask, self.correction,
-                    gather=self._gather_flat)
-        stats = m.stats
-        n_outside, n_nonfinite = stats["n_outside_support"], stats["n_nonfinite"]
-        if n_outside or n_nonfinite:  # never train on a token the trainer cannot produce or either side cannot score
-            out["completion_mask"] = out["completion_mask"] * (m.keep | ~mask.bool())
-            out["old_per_token_logps"], out["sampling_per_token_logps"] = m.trainer_logprobs, m.engine_logprobs
-        check = mismatch_check(stats, self.thresholds, label=label)
-        failed = [c for c in (identity, support_check(n_outside, label), non_finite_check(n_nonfinite, label))
-                  if not c.passed]
-        if self.tis_enabled:  # a drifting gap is reported once: it switches TIS off
-            failed += [c for c in (check, clip_check(stats["clip_frac"], self.args.max_clip_frac, label))
-                       if not c.passed]
-        if failed:
-            self.on_gate_failure(GateReport(tuple(failed), stats), f"on the training batch at step {step}")
-        w = m.weights
-        out["importance_sampling_ratio"] = w if self.tis_enabled else torch.ones_like(w)
-        gate_passed = bool(self.gate_report and self.gate_report.passed and check.passed and not failed)
-        record = {"step": step, "tis_enabled": self.tis_enabled, "gate_passed": gate_passed,
-                  **{k: stats[k] for k in METRIC_KEYS}, "n_tokens": stats["n_tokens"], "n_nonfinite": n_nonfinite}
-        trl_metrics = metrics(self)["train"]
-        for ours, trl_key in (("reward", METRIC_REWARD), ("completion_length", METRIC_LENGTH)):
-            if trl_metrics.get(trl_key):  # TRL appended this batch's value (all ranks) during super()
-                record[ours] = trl_metrics[trl_key][-1]
-        self.step_records.append(record)
-        for k in ("gate_passed", "tis_enabled", *METRIC_KEYS):
-            name = f"correct/ratio/{k.removeprefix('ratio_')}" if k in RATIO_KEYS else f"correct/{k}"
-            trl_metrics[name].append(float(record[k]))
-        return out
-
-    def _token_identity(self, out: dict, sampled: dict, label: str) -> Check:
-        """Every scored completion must hold the token ids the engine sampled for its prompt (model tokens only)."""
-        cmask = out["completion_mask"].bool()
-        width = cmask.size(1)
-        scored = torch.where(cmask.any(1), width - cmask.flip(1).int().argmax(1), 0).tolist()  # last scored + 1
-        prompts, pmask = out["prompt_ids"].tolist(), out["prompt_mask"].bool().tolist()  # one copy, not one per row
-        completions = out["completion_ids"].tolist()
-        tools = out["tool_mask"].bool().tolist() if "tool_mask" in out else None
-        rows = []
-        for i, n in enumerate(scored):
-            if not n:  # nothing of this completion is scored (e.g. a masked truncated completion)
-                continue
-            prompt = [t for t, keep in zip(prompts[i], pmask[i]) if keep]
-            rows.append((prompt, completions[i][:n], tools[i][:n] if tools else [True] * n))
-        return self._identity_check(rows, sampled, label, self.eos_token_ids)
-
-    def _gather_flat(self, x: torch.Tensor) -> torch.Tensor:
-        """Concatenate a 1-D tensor of any length from every rank."""
-        if self.accelerator.num_processes == 1:
-            return x
-        x = x.double()
-        n = self.accelerator.gather(torch.tensor([x.numel()], device=x.device))
-        padded = torch.full((int(n.max()),), float("nan"), dtype=x.dtype, device=x.device)
-        padded[: x.numel()] = x
-        allx = self.accelerator.gather(padded)
-        return allx[~torch.isnan(allx)]
-
-    def write_report(self) -> None:
-        """<output_dir>/correctness_report.json: the start gate report and every step's metrics."""
-        if not self.accelerator.is_main_process:
-            return
-        os.makedirs(self.args.output_dir, exist_ok=True)
-        data = {"gate": self.gate_report.to_dict() if self.gate_report else None, "steps": self.step_records,
-                "failures": self.failures, "resumes": self.resumes, "thresholds": self.thresholds,
-                "calibration": self.calibration.to_dict(), "engine": self.engine.facts().to_dict()}
-        with open(os.path.join(self.args.output_dir, "correctness_report.json"), "w") as f:
-            json.dump(data, f, indent=2, default=str)

@@ -119,24 +119,22 @@ def _project(grads, params) -> float:
     return total
 
 
-def self_consistency(trainer, prompt_ids, completion_ids, batch_logprobs: torch.Tensor, mask: torch.Tensor) -> dict:
+def self_consistency(policy, prompt_ids, completion_ids, batch_logprobs: torch.Tensor, mask: torch.Tensor) -> dict:
     """Mismatch statistics of the trainer's logprobs scored as one batch (`batch_logprobs` [B, T]) against the same
     sequences scored one at a time (no padding, batch 1)."""
-    singles = [trainer.score([p], [c])[0][0] for p, c in zip(prompt_ids, completion_ids)]
+    singles = [policy.score([p], [c])[0][0] for p, c in zip(prompt_ids, completion_ids)]
     single = pad([x.float() for x in singles], padding_value=float("nan"), padding_side="right")
     single = single.to(batch_logprobs.device)
     width = min(single.size(1), batch_logprobs.size(1))
     r, nonfinite = valid_gaps(batch_logprobs[:, :width], single[:, :width], mask[:, :width])
-    return dict(summarize_gaps(r, nonfinite), batch_size=min(trainer.args.per_device_train_batch_size,
+    return dict(summarize_gaps(r, nonfinite), batch_size=min(policy.args.per_device_train_batch_size,
                                                              len(prompt_ids)))
 
 
-def generated_rows(trainer) -> tuple[list, dict]:
-    """Generate for the first `probe_size` training prompts through TRL's own `_generate` (the path every batch
-    takes, subclass overrides and tool loops included), as the gate's dry batch. Returns (rows for
-    `token_identity`, what the engine sampled meanwhile)."""
-    n = min(trainer.args.probe_size, len(trainer.train_dataset))
-    prompts = [trainer.train_dataset[i]["prompt"] for i in range(n)]
+def generated_rows(trainer, prompts: list) -> tuple[list, dict]:
+    """Generate for `prompts` (as the dataset holds them) through TRL's own `_generate` (the path every batch takes,
+    subclass overrides and tool loops included), as the gate's dry batch. Returns (rows for `token_identity`, what
+    the engine sampled meanwhile)."""
     trainer.engine.take_sampled()
     with side_effects_undone(trainer):
         prompt_ids, completion_ids, tool_mask, *_ = generate(trainer, prompts)

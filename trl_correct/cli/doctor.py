@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=2, default=str)
     if a.plot:
-        plot(rows, a.plot, trainer.thresholds)
+        plot(rows, a.plot, trainer.gate.thresholds)
     return 0 if ok else 1
 
 

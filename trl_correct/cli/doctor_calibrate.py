@@ -44,10 +44,10 @@ def main(a, recipe_flags: list[str]) -> int:
     print("trl-correct doctor --calibrate: clean gate ...", file=sys.stderr, flush=True)
     clean = trainer.full_gate()
     print(clean.report.table())
-    floors = dict(clean.floors)
+    floors = clean.floors.to_dict()
     if clean.probe is not None:
-        floors["engine_vs_itself"] = trainer.engine_floor(clean.probe)
-    runtime = trainer.calibration
+        floors["engine_vs_itself"] = trainer.gate.engine_floor(clean.probe)
+    runtime = trainer.gate.calibration
     a_dtype, on_gpu = trainer.compute_dtype, trainer.on_gpu
     pinned = calibrate(floors if trainer.args.calibrate else {}, a_dtype, on_gpu, user=trainer.args.user_thresholds(),
                        bit_exact=trainer.args.bit_exact)

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from .records import RATIO_KEYS  # noqa: F401 (the ratio statistics' names, defined once)
 from .sampler import OUTSIDE_LOGPROB
 
 TIS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
@@ -26,8 +27,7 @@ WIDE_BAND = (0.5, 2.0)
 QUANTILE_MAX_ELEMENTS = 2**24
 # math.exp overflows above ~709.78: ratios are reported as exp(min(log ratio, EXP_MAX)).
 EXP_MAX = 700.0
-RATIO_KEYS = ("ratio_min", "ratio_p1", "ratio_p99", "ratio_max", "tokens_outside_0.5_2", "tokens_outside_0.8_1.25",
-              "seqs_outside_0.5_2", "seqs_outside_0.8_1.25", "masked_frac")
+
 
 
 def valid_gaps(trainer_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor):
