@@ -27,7 +27,7 @@ import transformers
 import trl
 from transformers import PretrainedConfig, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint  # noqa: F401 (re-exported)
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOConfig
 from trl.trainer import utils as trl_utils
 from trl.trainer.utils import (FusedCausalLMOutput, add_fused_lm_head, create_model_from_path,  # noqa: F401
                                pad)
@@ -93,8 +93,20 @@ PRIVATE = (
 # TRL's metric keys read back after super()._generate_and_score_completions
 METRIC_REWARD, METRIC_LENGTH = "reward", "completions/mean_length"
 
-_OWNERS = {"GRPOTrainer": GRPOTrainer, "Trainer": Trainer, "PretrainedConfig": PretrainedConfig,
-           "trl.trainer.utils": trl_utils}
+
+def _grpo_trainer():
+    """TRL's GRPOTrainer, imported when first needed: importing it imports vLLM (TRL's generation module, ~10 s), which
+    `import trl_correct` (the config, the CLI's light commands, the pure tests) must not pay for."""
+    from trl import GRPOTrainer
+
+    return GRPOTrainer
+
+
+def _owners() -> dict:
+    return {"GRPOTrainer": _grpo_trainer(), "Trainer": Trainer, "PretrainedConfig": PretrainedConfig,
+            "trl.trainer.utils": trl_utils}
+
+
 _INSTANCE = " instance"  # "GRPOTrainer instance": an attribute set on the built object, owned by the class before it
 
 
@@ -120,7 +132,7 @@ def problems(owners: dict | None = None, instance=None) -> list[str]:
     the owner names of `PRIVATE` to the objects to check (default: the installed TRL/transformers). An instance
     attribute ("GRPOTrainer instance") must still be assigned in the source of its class (so a rename of an optional
     one is named too, not skipped); with `instance` (a built trainer) a non-optional one must also be set on it."""
-    owners = {**_OWNERS, **(owners or {})}
+    owners = {**_owners(), **(owners or {})}
     out = []
     for p in PRIVATE:
         if p.owner.endswith(_INSTANCE):
@@ -240,7 +252,7 @@ ENTROPY_STATE = ("_entropy_window_stats", "entropy_coef", "_last_world_entropy")
 
 def tag_names(*extra: str) -> list[str]:
     """GRPOTrainer's model-card tags with `extra` added (a subclass's `_tag_names`)."""
-    return [*GRPOTrainer._tag_names, *extra]
+    return [*_grpo_trainer()._tag_names, *extra]
 
 
 def checkpoint_folder(trainer, trial=None) -> str:
