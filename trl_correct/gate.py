@@ -1,10 +1,10 @@
 """The correctness gate as a component: built from the engine, the trainer's side (adapters/policy.py) and the config;
-it owns the thresholds, the calibration, the last sync check and the gate's records, and answers four calls:
+it owns the thresholds, the calibration, the last sync check and the step of the last load, and answers three
+calls:
 
-    gate.before_training()        sync, then every check of the start gate            -> GateRun
+    gate.before_training(step)    sync, then every check of the start gate            -> GateRun
     gate.after_sync(step)         a new optimizer step's sync and the checks due then -> GateReport
-    gate.on_batch(out, sampled)   the checks of one training batch                    -> BatchVerdict
-    gate.state() / restore(...)   what a checkpoint keeps of it
+    gate.on_batch(out, sampled, step, tis_enabled)   the checks of one training batch -> BatchVerdict
 
 Which checks run when is data, `SCHEDULE`. Deciding is core/checks.py's, thresholds are core/calibrate.py's,
 measuring is core/numerics.py's; the policy (enforce / warn / observe, TIS on or off) is the trainer's.
@@ -19,7 +19,7 @@ from .core.checks import (BLOCKING, LINEAR_LOSS_TYPES, Check, GateReport, clip_c
                           missed_sync_check, non_finite_check, reset_check, self_consistency_check, stale_cache_check,
                           static_checks, support_check, temperature_check, token_identity_check, weight_sync_check)
 from .core.numerics import measure, summarize_gaps, valid_gaps
-from .core.records import MEAN, Failure, Floors, MismatchStats, StepRecord
+from .core.records import MEAN, Floors, MismatchStats
 from .adapters.audit import AUDIT_SCALES
 from .adapters.trl_api import pad
 
@@ -83,16 +83,25 @@ class GateRun:
 
 @dataclass
 class BatchVerdict:
-    """One training batch through the gate: its record, the failed checks (none: passed), and what the loss gets:
-    `keep` (tokens to train on), cleaned logprobs and the importance weights."""
+    """One training batch through the gate: the failed checks (none: passed), whether its mismatch is within the
+    thresholds, its statistics, and what the loss gets: `keep` (tokens to train on), cleaned logprobs, the importance
+    weights."""
 
-    record: StepRecord
     failed: list
+    passed: bool
     stats: MismatchStats
     keep: torch.Tensor
     trainer_logprobs: torch.Tensor
     engine_logprobs: torch.Tensor
     weights: torch.Tensor
+
+    def drop_unscorable(self, out: dict) -> None:
+        """Take the tokens outside the trainer's kept set or with a non-finite logprob out of TRL's batch `out`
+        (completion_mask and both logprob tensors), so that no loss term is computed on them."""
+        if self.stats.n_outside_support or self.stats.n_nonfinite:
+            mask = out["completion_mask"] if "tool_mask" not in out else out["completion_mask"] * out["tool_mask"]
+            out["completion_mask"] = out["completion_mask"] * (self.keep | ~mask.bool())
+            out["old_per_token_logps"], out["sampling_per_token_logps"] = self.trainer_logprobs, self.engine_logprobs
 
 
 class Gate:
@@ -152,9 +161,8 @@ class Gate:
         if due("batch_mismatch", "batch") and tis_enabled:
             failed += [check, clip_check(stats.clip_frac, self.args.max_clip_frac, label)]
         failed = [c for c in failed if not c.passed]
-        record = StepRecord.of(step, stats, tis_enabled=tis_enabled and not failed,
-                               gate_passed=check.passed and not failed)
-        return BatchVerdict(record, failed, stats, m.keep, m.trainer_logprobs, m.engine_logprobs, m.weights)
+        return BatchVerdict(failed, check.passed and not failed, stats, m.keep, m.trainer_logprobs, m.engine_logprobs,
+                            m.weights)
 
     # -- sync ------------------------------------------------------------------------------------------------------
     def sync(self, step: int) -> Check:
@@ -313,7 +321,3 @@ class Gate:
             prompt = [t for t, keep in zip(prompts[i], pmask[i]) if keep]
             rows.append((prompt, completions[i][:n], tools[i][:n] if tools else [True] * n))
         return self.token_identity(rows, sampled, label, self.policy.eos_token_ids())
-
-    # -- what a checkpoint keeps -----------------------------------------------------------------------------------
-    def failure(self, report: GateReport, step: int, when: str) -> Failure:
-        return Failure(step=step, when=when, report=report.to_dict())

@@ -1,17 +1,12 @@
 """CorrectGRPOTrainer: TRL's GRPOTrainer with a colocated vLLM engine whose parity is proven before any correction.
 
-TRL's hooks and the policy; the gate itself is a component (gate.py), built from the engine, the trainer's side
-(adapters/policy.py) and the config. Overrides (each calls super()):
-- __init__: the parent without its engine, then our `Engine` (adapters/engine.py) and the `Gate`.
-- train: the gate before step 0 (on a resume: after loading the checkpoint's weights and gate history); TIS on only
-  if it passes; correctness_report.json at the end.
-- _generate_and_score_completions: at a new optimizer step, `gate.after_sync(step)` with the policy (TRL's own sync
-  then finds nothing to do); after TRL's generation and scoring, `gate.on_batch(...)`: tokens that cannot be scored
-  leave the loss, the importance weights are ours (all ones until the gate has passed).
-- _save_checkpoint / save_model: the gate state in every checkpoint; the parity certificate beside saved weights.
-Hooks for subclasses: engine_settings(), engine_weights(), trainer_facts(), probe_prompts(), extra_checks(probe),
-correction(), on_gate_failure(). Public state: gate (thresholds, calibration, last_sync_check), gate_report,
-tis_enabled, step_records, failures, resumes, in_gate, training_started.
+TRL's hooks and the policy (enforce / warn / observe, TIS on or off); the gate is a component (gate.py). Overrides,
+each calling super(): __init__ (our Engine and Gate in place of TRL's engine), train (the gate before step 0, after a
+resume's weights and history are loaded), _generate_and_score_completions (gate.after_sync at a new step, then
+gate.on_batch on TRL's batch: unscorable tokens leave the loss; our importance weights, all ones until the gate has
+passed), _save_checkpoint and save_model (the gate state; the parity certificate). Hooks for subclasses:
+engine_settings(), engine_weights(), trainer_facts(), probe_prompts(), extra_checks(probe), correction(),
+on_gate_failure(). Public state: gate, gate_report, tis_enabled, step_records, failures, resumes, in_gate.
 """
 
 import json
@@ -23,7 +18,7 @@ import torch
 from trl import GRPOTrainer
 
 from . import certificate
-from .adapters.audit import attention_default, attention_dropped, dropout_sources
+from .adapters.audit import attention_dropped, dropout_sources, model_defaults
 from .adapters.engine import Engine, EngineSettings, sampler_order
 from .adapters.head import add_processed_head, why_unreproducible
 from .adapters.policy import PolicySide
@@ -33,9 +28,9 @@ from .adapters.trl_api import (METRIC_LENGTH, METRIC_REWARD, building_without_tr
 from .adapters.weights import policy_weights, scoring_model
 from .config import CorrectGRPOConfig
 from .core.checks import Check, GateFailure, GateReport
-from .core.facts import TrainerFacts, generation_defaults
+from .core.facts import TrainerFacts
 from .core.numerics import is_weights
-from .core.records import METRIC_KEYS, RATIO_KEYS, Failure, Resume, StepRecord
+from .core.records import Failure, Resume, StepRecord
 from .gate import Gate, GateRun
 
 logger = logging.getLogger("trl_correct")
@@ -49,18 +44,7 @@ class CorrectGRPOTrainer(GRPOTrainer):
         if not isinstance(args, CorrectGRPOConfig):
             raise TypeError("args must be a CorrectGRPOConfig (trl_correct.CorrectGRPOConfig), got "
                             f"{type(args).__name__}")
-        path = model if isinstance(model, str) else getattr(model, "name_or_path", "")
-        self.sampler_defaults_applied = args.apply_model_sampler_defaults(
-            generation_defaults(path, args.trust_remote_code) if path else {})
-        if self.sampler_defaults_applied:
-            logger.info("trl-correct: sampler settings from the model's generation_config: %s",
-                        self.sampler_defaults_applied)
-        if isinstance(model, str):
-            init = dict(args.model_init_kwargs or {})
-            args.model_init_kwargs = attention_default(model, init, args.trust_remote_code)
-            if args.model_init_kwargs != init:
-                logger.info("trl-correct: attn_implementation eager (not set: the model soft-caps its attention, which "
-                            "transformers' default sdpa ignores)")
+        self.sampler_defaults_applied = model_defaults(model, args)
         with building_without_trl_engine(args):  # the parent would build stock TRL's engine; ours replaces it below
             super().__init__(model, reward_funcs, args=args, **kwargs)
         self.use_vllm = True
@@ -105,20 +89,9 @@ class CorrectGRPOTrainer(GRPOTrainer):
     # -- hooks -----------------------------------------------------------------------------------------------------
     def engine_settings(self) -> EngineSettings:
         """How the engine is built and samples; override to change (tests use this to inject faults)."""
-        a = self.args
-        model = self.accelerator.unwrap_model(self.model)
-        return EngineSettings(
-            model=model.name_or_path, dtype=self.compute_dtype if a.vllm_dtype == "auto" else a.vllm_dtype,
-            logprobs_mode=a.logprobs_mode, enable_prefix_caching=a.enable_prefix_caching,
-            # the ranks of a TP group run one engine: the same seed, so they sample alike (as TRL seeds them)
-            fp32_lm_head=a.fp32_lm_head, seed=self.accelerator.process_index // a.vllm_tensor_parallel_size,
-            tensor_parallel_size=a.vllm_tensor_parallel_size, max_model_len=a.vllm_max_model_length,
-            max_num_seqs=max(a.probe_size, a.per_device_train_batch_size * a.steps_per_generation)
-            * a.vllm_tensor_parallel_size,
-            gpu_memory_utilization=a.vllm_gpu_memory_utilization, trust_remote_code=a.trust_remote_code,
-            enable_sleep_mode=a.vllm_enable_sleep_mode,
-            cpu_kv_cache_gib=a.vllm_kv_cache_gib, sampler=self.sampler, max_tokens=self.max_completion_length,
-            generation_kwargs=dict(a.generation_kwargs or {}))
+        return EngineSettings.from_config(self.args, self.accelerator.unwrap_model(self.model).name_or_path,
+                                          self.compute_dtype, self.accelerator.process_index, self.sampler,
+                                          self.max_completion_length)
 
     def engine_weights(self):
         """(name, tensor) pairs in checkpoint format that make up the policy, as streamed to the engine (LoRA:
@@ -233,23 +206,17 @@ class CorrectGRPOTrainer(GRPOTrainer):
         if not self.model.training:
             return out
         v = self.gate.on_batch(out, sampled, step, self.tis_enabled)
-        if v.stats.n_outside_support or v.stats.n_nonfinite:  # never train on a token either side cannot score
-            mask = out["completion_mask"] if "tool_mask" not in out else out["completion_mask"] * out["tool_mask"]
-            out["completion_mask"] = out["completion_mask"] * (v.keep | ~mask.bool())
-            out["old_per_token_logps"], out["sampling_per_token_logps"] = v.trainer_logprobs, v.engine_logprobs
+        v.drop_unscorable(out)  # never train on a token either side cannot score
         if v.failed:
             self.on_gate_failure(GateReport(tuple(v.failed), v.stats.to_dict()), f"on the training batch at step {step}")
         out["importance_sampling_ratio"] = v.weights if self.tis_enabled else torch.ones_like(v.weights)
         trl_metrics = metrics(self)["train"]
-        record = StepRecord(step, self.tis_enabled, bool(self.gate_report and self.gate_report.passed
-                                                         and v.record.gate_passed), v.record.metrics,
-                            v.stats.n_tokens, v.stats.n_nonfinite,
-                            *(trl_metrics[k][-1] if trl_metrics.get(k) else None  # TRL's value for this batch
-                              for k in (METRIC_REWARD, METRIC_LENGTH)))
+        passed = bool(self.gate_report and self.gate_report.passed and v.passed)
+        record = StepRecord.of(step, v.stats, self.tis_enabled, passed, *(  # TRL's reward and length of this batch
+            trl_metrics[k][-1] if trl_metrics.get(k) else None for k in (METRIC_REWARD, METRIC_LENGTH)))
         self.step_records.append(record)
-        for k in ("gate_passed", "tis_enabled", *METRIC_KEYS):
-            name = f"correct/ratio/{k.removeprefix('ratio_')}" if k in RATIO_KEYS else f"correct/{k}"
-            trl_metrics[name].append(float(record[k]))
+        for name, value in record.metrics_to_log():
+            trl_metrics[name].append(value)
         return out
 
     # -- state -----------------------------------------------------------------------------------------------------

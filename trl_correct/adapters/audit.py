@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 import torch
 
+from ..core.facts import generation_defaults
 from ..core.numerics import summarize_gaps, valid_gaps
 from .trl_api import ENTROPY_STATE, generate, metrics, pad, pad_token_id
 
@@ -175,6 +176,26 @@ def attention_dropped(model) -> str | None:
     if cap and impl not in SOFTCAP_ATTENTION:
         return f"attention soft-capping {cap:g} (attn_logit_softcapping) is ignored by attn_implementation={impl}"
     return None
+
+
+def model_defaults(model, args) -> dict:
+    """What the model itself asks of `args`, applied before the trainer is built: its generation_config's sampler
+    defaults (under sampler_defaults=model; returned) and eager attention when it soft-caps its attention and no
+    attn_implementation is set. What the user set is never changed."""
+    import logging
+
+    logger = logging.getLogger("trl_correct")
+    path = model if isinstance(model, str) else getattr(model, "name_or_path", "")
+    applied = args.apply_model_sampler_defaults(generation_defaults(path, args.trust_remote_code) if path else {})
+    if applied:
+        logger.info("trl-correct: sampler settings from the model's generation_config: %s", applied)
+    if isinstance(model, str):
+        init = dict(args.model_init_kwargs or {})
+        args.model_init_kwargs = attention_default(model, init, args.trust_remote_code)
+        if args.model_init_kwargs != init:
+            logger.info("trl-correct: attn_implementation eager (not set: the model soft-caps its attention, which "
+                        "transformers' default sdpa ignores)")
+    return applied
 
 
 def attention_default(model_path: str, init_kwargs: dict, trust_remote_code: bool = False) -> dict:

@@ -93,6 +93,22 @@ class EngineSettings:
     max_tokens: int = 16
     generation_kwargs: dict = field(default_factory=dict)
 
+    @classmethod
+    def from_config(cls, a, model: str, compute_dtype: str, rank: int, sampler: SamplerSpec,
+                    max_tokens: int) -> "EngineSettings":
+        """The settings a CorrectGRPOConfig `a` asks for, for process `rank` (the trainer's engine_settings())."""
+        return cls(
+            model=model, dtype=compute_dtype if a.vllm_dtype == "auto" else a.vllm_dtype,
+            logprobs_mode=a.logprobs_mode, enable_prefix_caching=a.enable_prefix_caching,
+            # the ranks of a TP group run one engine: the same seed, so they sample alike (as TRL seeds them)
+            fp32_lm_head=a.fp32_lm_head, seed=rank // a.vllm_tensor_parallel_size,
+            tensor_parallel_size=a.vllm_tensor_parallel_size, max_model_len=a.vllm_max_model_length,
+            max_num_seqs=max(a.probe_size, a.per_device_train_batch_size * a.steps_per_generation)
+            * a.vllm_tensor_parallel_size,
+            gpu_memory_utilization=a.vllm_gpu_memory_utilization, trust_remote_code=a.trust_remote_code,
+            enable_sleep_mode=a.vllm_enable_sleep_mode, cpu_kv_cache_gib=a.vllm_kv_cache_gib, sampler=sampler,
+            max_tokens=max_tokens, generation_kwargs=dict(a.generation_kwargs or {}))
+
 
 def batch_invariant_unsupported() -> str | None:
     """Why vLLM's batch-invariant mode cannot run here; None when it can."""

@@ -117,10 +117,18 @@ class StepRecord(Record):
     completion_length: float | None = None
 
     @classmethod
-    def of(cls, step: int, stats: MismatchStats, tis_enabled: bool, gate_passed: bool) -> "StepRecord":
+    def of(cls, step: int, stats: MismatchStats, tis_enabled: bool, gate_passed: bool, reward: float | None = None,
+           completion_length: float | None = None) -> "StepRecord":
         flat = stats.to_dict()
         return cls(step, tis_enabled, gate_passed, {k: flat[k] for k in METRIC_KEYS}, stats.n_tokens,
-                   stats.n_nonfinite)
+                   stats.n_nonfinite, reward, completion_length)
+
+    def metrics_to_log(self) -> list[tuple[str, float]]:
+        """(name, value) of what is logged every batch: correct/gate_passed, correct/tis_enabled, correct/<statistic>
+        and correct/ratio/<ratio without ratio_>."""
+        d = self.to_dict()
+        return [(f"correct/ratio/{k.removeprefix('ratio_')}" if k in RATIO_KEYS else f"correct/{k}", float(d[k]))
+                for k in ("gate_passed", "tis_enabled", *METRIC_KEYS)]
 
     def to_dict(self) -> dict:
         d = {"step": self.step, "tis_enabled": self.tis_enabled, "gate_passed": self.gate_passed, **self.metrics,
