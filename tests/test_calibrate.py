@@ -15,6 +15,7 @@ def floor(mean, p99=None, k3=None, mx=None, n=100):
                 n_tokens=n, n_nonfinite=0)
 
 
+@pytest.mark.unit
 def test_thresholds_are_a_multiple_of_the_largest_floor():
     c = calibrate({"trainer_vs_itself": floor(0.006), "dtype_rounding": floor(0.005, p99=0.04)}, "bfloat16")
     th = c.values()
@@ -27,6 +28,7 @@ def test_thresholds_are_a_multiple_of_the_largest_floor():
     assert "calibrated from measured floors" in c.summary
 
 
+@pytest.mark.unit
 def test_minimum_and_cap_bound_the_derived_value():
     low = calibrate({"trainer_vs_itself": floor(1e-7)}, "float32")
     assert low.values()["mean_abs_logprob_diff"] == MINIMUMS["float32"]["mean_abs_logprob_diff"]
@@ -38,6 +40,7 @@ def test_minimum_and_cap_bound_the_derived_value():
     assert gpu.values()["mean_abs_logprob_diff"] == MINIMUMS["float32@cuda"]["mean_abs_logprob_diff"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("dtype", list(CAPS))
 def test_every_minimum_is_below_its_cap_and_factors_leave_headroom(dtype):
     for k, lo in MINIMUMS[dtype].items():
@@ -45,6 +48,7 @@ def test_every_minimum_is_below_its_cap_and_factors_leave_headroom(dtype):
     assert FACTOR["kl_k3"] == FACTOR["mean_abs_logprob_diff"] ** 2  # k3 ~ r^2 / 2
 
 
+@pytest.mark.unit
 def test_without_a_floor_the_fixed_values_are_used_and_said_so():
     for floors, why in (({}, "calibration off"), ({"dtype_rounding": "weights are bf16"}, "no floor measured")):
         c = calibrate(floors, "bfloat16")
@@ -53,6 +57,7 @@ def test_without_a_floor_the_fixed_values_are_used_and_said_so():
         assert "fixed bfloat16 values" in c.summary
 
 
+@pytest.mark.unit
 def test_user_values_win_and_bit_exact_is_zero():
     c = calibrate({"trainer_vs_itself": floor(0.006)}, "bfloat16", user={"kl_k3": 1e-3, "mean_abs_logprob_diff": None})
     assert c.values()["kl_k3"] == 1e-3 and c.thresholds["kl_k3"].source == "user"
@@ -60,6 +65,7 @@ def test_user_values_win_and_bit_exact_is_zero():
     assert set(calibrate({"trainer_vs_itself": floor(0.006)}, "bfloat16", bit_exact=True).values().values()) == {0.0}
 
 
+@pytest.mark.unit
 def test_a_few_fold_gap_fails_the_calibrated_mismatch_check_but_not_the_fixed_one():
     # tiny model in bf16 on CPU: floor mean 0.0046 (trainer vs itself), healthy probe 0.0077, stale cache 0.030
     cal = calibrate({"trainer_vs_itself": floor(0.0046, p99=0.031, k3=2.8e-5)}, "bfloat16").values()
@@ -70,6 +76,7 @@ def test_a_few_fold_gap_fails_the_calibrated_mismatch_check_but_not_the_fixed_on
     assert not mismatch_check(stale, cal).passed and mismatch_check(stale, fixed).passed
 
 
+@pytest.mark.unit
 def test_the_table_shows_floor_threshold_and_rule():
     c = calibrate({"trainer_vs_itself": floor(0.006)}, "bfloat16")
     check = mismatch_check(floor(0.007), c.values())

@@ -4,6 +4,8 @@ import pytest
 
 from trl_correct import CorrectGRPOConfig
 
+pytestmark = pytest.mark.unit  # builds no engine, starts no subprocess (tests/conftest.py)
+
 
 def cfg(tmp_path, **kw):
     return CorrectGRPOConfig(output_dir=str(tmp_path), bf16=False, **kw)

@@ -2,7 +2,11 @@
 
 import math
 
+import pytest
+
 from trl_correct.adapters.fingerprint import fingerprint as _fingerprint, group_of, stale_groups
+
+pytestmark = pytest.mark.unit  # builds no engine, starts no subprocess (tests/conftest.py)
 
 
 def test_fused_layouts_share_a_group():

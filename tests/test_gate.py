@@ -11,6 +11,8 @@ from trl_correct.core.checks import (STATIC_CHECKS, Check, GateFailure, GateRepo
                               temperature_check, token_identity_check, weight_sync_check)
 from trl_correct.core.sampler import SamplerSpec
 
+pytestmark = pytest.mark.unit  # builds no engine, starts no subprocess (tests/conftest.py)
+
 SAMPLER = SamplerSpec(temperature=0.7)
 TRAINER = TrainerFacts(compute_dtype="float32", head_dtype="float32", fp32_lm_head=True, sampler=SAMPLER)
 ENGINE = EngineFacts(compute_dtype="float32", head_dtype="float32", logprobs_mode="processed_logprobs", sampler=SAMPLER)

@@ -4,6 +4,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from trl_correct.cli.plot import main as plot
 
 
@@ -31,6 +33,7 @@ def test_metrics_reach_tensorboard_and_the_plot_draws_the_run(make_trainer, tmp_
     assert not any(s["tis_enabled"] for s in report["steps"])  # what the plot shades
 
 
+@pytest.mark.unit
 def test_plot_of_a_directory_without_a_report_is_a_one_line_error(tmp_path, capsys):
     assert plot([str(tmp_path)]) == 2
     err = capsys.readouterr().err

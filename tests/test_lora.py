@@ -51,6 +51,7 @@ def test_lora_out_of_the_box_from_the_command_line(tmp_path):
         trainer.engine.close()
 
 
+@pytest.mark.unit
 def test_an_explicit_lora_dropout_is_kept(tmp_path):
     from trl_correct.train import given
 

@@ -10,6 +10,8 @@ from trl_correct.core.numerics import (QUANTILE_MAX_ELEMENTS, is_weights, measur
                                   ratio_stats, sequence_gaps, summarize_gaps, valid_gaps, weight_stats)
 from trl_correct.core.sampler import OUTSIDE_LOGPROB
 
+pytestmark = pytest.mark.unit  # builds no engine, starts no subprocess (tests/conftest.py)
+
 
 def t(x):
     return torch.tensor(x, dtype=torch.float32)

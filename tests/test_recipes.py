@@ -19,6 +19,7 @@ CPU = ["--bf16", "false", "--max_steps", "1", "--per_device_train_batch_size", "
        "--save_strategy", "no", "--chat_prompts", "false"]  # the tiny tokenizer has no chat template
 
 
+@pytest.mark.unit
 def test_final_number_reward():
     assert final_number("so 3 + 4 = 7 #### 1,234") == 1234.0 and final_number("it is 12, then 15.5") == 15.5
     assert final_number("no digits") is None
@@ -56,6 +57,7 @@ def test_wrong_prompt_column_is_a_one_line_error(tmp_path, tiny_dir):
     assert any(x.startswith("ValueError: prompt_column='prompt' is invalid:") for x in lines), p.stderr[-2000:]
 
 
+@pytest.mark.unit
 def test_chat_prompts_wrap_the_prompt_column(tmp_path):
     from trl_correct.train import TrainScriptArguments, load_prompts
 

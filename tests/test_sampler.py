@@ -16,6 +16,8 @@ from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
 from trl_correct.core import sampler
 from trl_correct.core.sampler import OUTSIDE_LOGPROB, SamplerSpec, history, token_logprobs
 
+pytestmark = pytest.mark.unit  # builds no engine, starts no subprocess (tests/conftest.py)
+
 V, H = 3000, 32
 
 

@@ -23,6 +23,7 @@ CONFIGS = {"cpu.yaml": "NO", "cpu_2proc.yaml": "MULTI_GPU", "single_gpu.yaml": "
            "multi_node.yaml": "MULTI_GPU"}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name,kind", CONFIGS.items())
 def test_every_accelerate_config_parses_and_says_how_to_launch(name, kind):
     path = ROOT / "accelerate_configs" / name

@@ -8,6 +8,7 @@ from trl_correct import CorrectGRPOConfig
 from trl_correct.adapters.trl_api import PRIVATE, VERIFIED_TRL, grpo_default, problems
 
 
+@pytest.mark.unit
 def test_every_private_name_is_there_in_the_installed_trl():
     assert problems() == []
     import transformers
@@ -19,6 +20,7 @@ def test_every_private_name_is_there_in_the_installed_trl():
     assert ".".join(transformers.__version__.split(".")[:2]) in VERIFIED_TRANSFORMERS
 
 
+@pytest.mark.unit
 def test_a_missing_or_changed_private_name_is_named():
     class Without(GRPOTrainer):
         _generate = None  # as if TRL renamed it
@@ -42,11 +44,13 @@ def test_instance_attributes_are_checked_on_a_built_trainer(make_trainer):
                                           "batch)"]
 
 
+@pytest.mark.unit
 def test_trl_defaults_are_read_not_copied():
     assert grpo_default("vllm_importance_sampling_mode") == "sequence_mask"
     assert all(p.why for p in PRIVATE)
 
 
+@pytest.mark.unit
 def test_the_check_trl_skips_without_its_engine_runs_anyway(tmp_path):
     with pytest.raises(ValueError) as e:
         CorrectGRPOConfig(output_dir=str(tmp_path), bf16=False, loss_type="vespo", tis_mode="sequence_truncate")
@@ -55,6 +59,7 @@ def test_the_check_trl_skips_without_its_engine_runs_anyway(tmp_path):
     assert CorrectGRPOConfig(output_dir=str(tmp_path), bf16=False, loss_type="vespo").tis_mode == "token_truncate"
 
 
+@pytest.mark.unit
 def test_a_renamed_instance_attribute_is_named_without_a_built_trainer():
     class Renamed(GRPOTrainer):  # as if TRL renamed _last_world_entropy: our subclass is searched with its parents
         pass
@@ -72,6 +77,7 @@ def test_a_renamed_instance_attribute_is_named_without_a_built_trainer():
         trl_api.PRIVATE = saved
 
 
+@pytest.mark.unit
 def test_every_private_name_names_the_release_it_was_read_in():
     from trl_correct.adapters.trl_api import VERIFIED_TRANSFORMERS
 
@@ -82,6 +88,7 @@ def test_every_private_name_names_the_release_it_was_read_in():
         assert lib == ("transformers" if p.owner in ("Trainer", "PretrainedConfig") else "trl"), p
 
 
+@pytest.mark.unit
 def test_patch_method_takes_only_registered_methods_and_undoes():
     from trl_correct.adapters.trl_api import patch_method
 
