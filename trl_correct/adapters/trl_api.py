@@ -44,7 +44,7 @@ class Private:
     """One private name: where it lives, what kind, the argument names we pass (methods), what we use it for, and the
     release whose source it was read in ("trl 1.16", "transformers 5.19")."""
 
-    owner: str  # "GRPOTrainer", "Trainer" / "PretrainedConfig" (transformers), "trl.trainer.utils", "GRPOTrainer instance"
+    owner: str  # "GRPOTrainer", "trl.trainer.utils", "GRPOTrainer instance"; transformers "Trainer", "PretrainedConfig"
     name: str
     kind: str  # method | attribute | class attribute | function | class | optional attribute (instances: may be unset)
     args: tuple = ()

@@ -3,12 +3,14 @@ must name it. Used by `trl-correct doctor --inject/--selftest` and by the tests.
 
 A fault either changes how the engine is built (`settings`: what a user or a default can get wrong) or breaks the
 live weight-update path of a built engine (`live`: what a bug does; these need a weight update to show, so the doctor
-perturbs the trainer's weights before re-running the gate). Nothing here imports vLLM directly.
+perturbs the trainer's weights before re-running the gate). Nothing here imports vLLM or drives it directly (that is
+adapters/engine.py's), nor reaches into TRL's private methods except through `trl_api.patch_method`.
 """
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
+
+from ..adapters.trl_api import patch_method
 
 # Simulated update: each tensor moves by 0.1 of its own std, what many training steps do to a cache entry that is never
 # dropped. 1e-2 (about one lr=1e-3 step of the tiny model) leaves a stale cache inside bf16 noise: in bf16 on CPU the
@@ -129,26 +131,10 @@ def _reset_refused(t):
     prompt = t.probe_prompts()[0]
 
     def reset():
-        with request_in_flight(t.engine, prompt):
+        with t.engine.request_in_flight(prompt):  # one request holding KV blocks (adapters/engine.py)
             return real()
 
     t.engine.reset_prefix_cache = reset
-
-
-@contextmanager
-def request_in_flight(engine, prompt_ids: list[int], max_tokens: int = 64):
-    """Start one request on the engine's vLLM LLM and run one engine step, so it holds KV blocks while the body runs
-    (as an in-flight rollout does in asynchronous RL); aborted on exit."""
-    rid = f"trl-correct-in-flight-{engine.sync_count}"
-    core = engine.llm.llm_engine
-    core.add_request(rid, {"prompt_token_ids": list(prompt_ids)}, engine.sampling_params(max_tokens))
-    core.step()
-    try:
-        yield
-    finally:
-        core.abort_request([rid])
-        while core.has_unfinished_requests():
-            core.step()
 
 
 def _stale_shard(t):
@@ -207,27 +193,23 @@ def _nan_logprob(t):
 def _padding_attended(t):
     # the trainer's forward ignores the attention mask: padded positions are attended, so a sequence's logprobs depend
     # on what it is batched with
-    real = t._get_per_token_logps_and_entropies
-
-    def score(model, input_ids, attention_mask, *args, **kwargs):
+    def score(real, model, input_ids, attention_mask, *args, **kwargs):
         return real(model, input_ids, attention_mask.new_ones(attention_mask.shape), *args, **kwargs)
 
-    t._get_per_token_logps_and_entropies = score
-    return lambda: t.__dict__.pop("_get_per_token_logps_and_entropies", None)
+    return patch_method(t, "_get_per_token_logps_and_entropies", score)
 
 
 def _retokenize(t):
     # the completion decoded to text and encoded again on its way to the loss (special tokens dropped on decode)
-    real, tok = t._generate_single_turn, t.processing_class
+    tok = t.processing_class
 
-    def generate(*args, **kwargs):
+    def generate(real, *args, **kwargs):
         completion_ids, logprobs = real(*args, **kwargs)
         ids = [tok.encode(tok.decode(c, skip_special_tokens=True), add_special_tokens=False) or c[:1]
                for c in completion_ids]
         return ids, [(lp + [lp[-1]] * len(n))[:len(n)] for lp, n in zip(logprobs, ids)]
 
-    t._generate_single_turn = generate
-    return lambda: t.__dict__.pop("_generate_single_turn", None)
+    return patch_method(t, "_generate_single_turn", generate)
 
 
 FAULTS = {f.name: f for f in (
