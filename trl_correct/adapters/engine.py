@@ -420,6 +420,22 @@ class Engine:
             self.sampled[tuple(p)].append(tuple(c))
         return [list(p) for p in prompts], ids, [[[x] for x in s] for s in lps], [[[t] for t in s] for s in ids]
 
+    @contextmanager
+    def request_in_flight(self, prompt_ids: list[int], max_tokens: int = 64):
+        """Start one request on vLLM's engine and run one engine step, so it holds KV blocks while the body runs (as
+        an in-flight rollout does in asynchronous RL: vLLM then refuses to reset the prefix cache); aborted, and the
+        engine stepped until idle, on exit."""
+        rid = f"trl-correct-in-flight-{self.sync_count}"
+        core = self.llm.llm_engine
+        core.add_request(rid, {"prompt_token_ids": list(prompt_ids)}, self.sampling_params(max_tokens))
+        core.step()
+        try:
+            yield
+        finally:
+            core.abort_request([rid])
+            while core.has_unfinished_requests():
+                core.step()
+
     def take_repush_stale(self) -> list[str]:
         """Stale groups found by the verification of the re-pushes `sample()` made since the last call (sleep mode:
         level-2 sleep discards the weights, so every generation reloads them), then forgotten."""
