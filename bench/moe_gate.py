@@ -1,0 +1,84 @@
+"""The gate on the tiny mixture-of-experts families (tiny.py `MOE_FAMILIES`): per family and dtype, a real
+CorrectGRPOTrainer (colocated vLLM engine) runs the gate and 3 GRPO steps; printed: the gate verdict, its probe's
+mean / max |Δlogprob| (trainer vs engine), every step's mean / max, and the stale groups of the last sync.
+
+    .venv/bin/python bench/moe_gate.py                       # every MoE family, float32
+    .venv/bin/python bench/moe_gate.py --dtype bfloat16 qwen3_moe
+
+Each family runs in a child process of its own (one vLLM engine at a time, and no class patched by one family's
+engine leaks into the next). Mixtral streams checkpoint names (`revert_weight_conversion`): vLLM's Mixtral cannot load
+transformers 5's renamed `mlp.experts.*` tensors that adapters/weights.py streams today (tests/test_moe.py).
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import run_child, single_process_env  # noqa: E402
+
+STEPS = 3
+
+
+def child(family: str, dtype: str, out: str) -> None:
+    single_process_env()
+    os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from trl_correct import CorrectGRPOConfig, CorrectGRPOTrainer
+    from trl_correct.tasks.tiny import keyword_reward, tiny_family_dir, tiny_prompts
+
+    class CheckpointNames(CorrectGRPOTrainer):
+        def engine_weights(self):
+            model = self.accelerator.unwrap_model(self.model)
+            return iter(revert_weight_conversion(model, {n: p.detach() for n, p in model.named_parameters()}).items())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = CorrectGRPOConfig(output_dir=tmp, bf16=dtype == "bfloat16", max_steps=STEPS, learning_rate=1e-3,
+                                 per_device_train_batch_size=8, num_generations=4, max_completion_length=12,
+                                 temperature=0.9, beta=0.0, logging_steps=1, save_strategy="no", report_to="none",
+                                 seed=0, probe_size=4, probe_tokens=8, disable_tqdm=True, gate="observe")
+        cls = CheckpointNames if family == "mixtral" else CorrectGRPOTrainer
+        trainer = cls(model=str(tiny_family_dir(family)), reward_funcs=[keyword_reward], args=args,
+                      train_dataset=tiny_prompts())
+        trainer.train()
+        report = trainer.gate_report
+        steps = [(r["mean_abs_logprob_diff"], r["max_abs_logprob_diff"]) for r in trainer.step_records]
+        result = dict(family=family, dtype=dtype, gate="PASS" if report.passed else "FAIL",
+                      failed=[c.name for c in report.checks if not c.passed],
+                      probe_mean=report.mismatch["mean_abs_logprob_diff"],
+                      probe_max=report.mismatch["max_abs_logprob_diff"], steps=steps,
+                      syncs=trainer.engine.sync_count, last_sync_stale=trainer.engine.last_sync_stale,
+                      table=report.table())
+        trainer.engine.close()
+    Path(out).write_text(json.dumps(result))
+
+
+def main() -> None:
+    from trl_correct.tasks.tiny import MOE_FAMILIES
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("families", nargs="*", default=list(MOE_FAMILIES))
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--tables", action="store_true", help="print each family's gate table too")
+    ap.add_argument("--child", nargs=2, metavar=("FAMILY", "OUT"))
+    a = ap.parse_args()
+    if a.child:
+        return child(a.child[0], a.dtype, a.child[1])
+    for family in a.families:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "r.json")
+            r = run_child([__file__, "--dtype", a.dtype, "--child", family, out], out, family)
+        steps = " ".join(f"{m:.3g}/{x:.3g}" for m, x in r["steps"])
+        print(f"moe-gate {r['family']} {r['dtype']} gate={r['gate']} failed={r['failed']} "
+              f"probe mean={r['probe_mean']:.3g} max={r['probe_max']:.3g} steps(mean/max)={steps} "
+              f"syncs={r['syncs']} last_sync_stale={r['last_sync_stale']}", flush=True)
+        if a.tables:
+            print(r["table"], flush=True)
+
+
+if __name__ == "__main__":
+    main()
