@@ -13,12 +13,13 @@ from pathlib import Path
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
 
 
-def single_process_env(port_offset: int = 0) -> None:
+def single_process_env() -> None:
     """What `accelerate launch` + our config would set, for a bench run in a plain python process."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=str(29500 + (os.getpid() + port_offset) % 2000)).items():
+    # no MASTER_PORT: the engine takes a port free at build time (adapters/engine.launcher_env); one derived from the
+    # pid could collide with another process's
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
         os.environ.setdefault(k, v)
 
 

@@ -283,8 +283,17 @@ def sampler_words(sampler: dict) -> str:
     return ", ".join([f"T={sampler['temperature']:g}", *on])
 
 
-def _g(x) -> str:
+def figure(x) -> str:
+    """A figure of the certificate in three significant digits; '-' where none was recorded."""
     return "-" if x is None else f"{x:.3g}"
+
+
+def gate_words(gate: dict | None) -> str:
+    """A gate report's verdict in a few words: 'pass (16 checks)', 'fail (16 checks; failed: mismatch)'."""
+    if gate is None:
+        return "not run"
+    return f"{gate['verdict']} ({len(gate['checks'])} checks" + (
+        f"; failed: {', '.join(gate['causes'])})" if gate["causes"] else ")")
 
 
 def card_section(cert: dict) -> str:
@@ -303,19 +312,17 @@ def card_section(cert: dict) -> str:
     if run["uncorrected_steps"] or run["failures"]:
         lines += [""]
     m = run["mismatch"]
-    gate_row = "not run" if gate is None else (
-        f"{gate['verdict']} ({len(gate['checks'])} checks" + (f"; failed: {', '.join(gate['causes'])})"
-                                                            if gate["causes"] else ")"))
-    thresholds = ", ".join(f"{SHORT.get(k, k)} {_g(cert['thresholds'].get(k))}" for k in DECIDING)
+    gate_row = gate_words(gate)
+    thresholds = ", ".join(f"{SHORT.get(k, k)} {figure(cert['thresholds'].get(k))}" for k in DECIDING)
     rows = [
         ("correctness gate before step 0", gate_row),
         ("steps (TIS on / off)", f"{run['steps']} ({run['steps_tis_on']} / {run['steps_tis_off']})"),
         ("mean \\|Δlogp\\| per step (median / max)",
-         f"{_g(m['mean_abs_logprob_diff']['p50'])} / {_g(m['mean_abs_logprob_diff']['max'])}"),
+         f"{figure(m['mean_abs_logprob_diff']['p50'])} / {figure(m['mean_abs_logprob_diff']['max'])}"),
         ("p99 \\|Δlogp\\| per step (median / max)",
-         f"{_g(m['p99_abs_logprob_diff']['p50'])} / {_g(m['p99_abs_logprob_diff']['max'])}"),
-        ("max \\|Δlogp\\| over the run", _g(m["max_abs_logprob_diff"]["max"])),
-        ("k3 KL per step (median / max)", f"{_g(m['kl_k3']['p50'])} / {_g(m['kl_k3']['max'])}"),
+         f"{figure(m['p99_abs_logprob_diff']['p50'])} / {figure(m['p99_abs_logprob_diff']['max'])}"),
+        ("max \\|Δlogp\\| over the run", figure(m["max_abs_logprob_diff"]["max"])),
+        ("k3 KL per step (median / max)", f"{figure(m['kl_k3']['p50'])} / {figure(m['kl_k3']['max'])}"),
         ("thresholds", f"{thresholds} ({cert['calibration']['summary']})"),
         ("dtype (trainer / engine)", f"{t['compute_dtype']} / {e['compute_dtype']}; lm_head {t['head_dtype']} / "
                                      f"{e['head_dtype']}"),

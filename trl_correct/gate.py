@@ -10,6 +10,9 @@ Which checks run when is data, `SCHEDULE`. Deciding is core/checks.py's, thresho
 measuring is core/numerics.py's; the policy (enforce / warn / observe, TIS on or off) is the trainer's.
 """
 
+import logging
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +26,7 @@ from .core.records import MEAN, Floors, MismatchStats
 from .adapters.audit import AUDIT_SCALES
 from .adapters.trl_api import pad
 
+logger = logging.getLogger("trl_correct")
 PROBE_SEED = 1234
 # Cached-prefix probe this many times worse than the uncached one = stale cache. Clean bf16 CPU runs measured the two
 # within 10 % (0.0067 vs 0.0072); a cache left stale across a 0.1-std weight move measured 4.7x (0.033 vs 0.007).
@@ -123,7 +127,8 @@ class Gate:
         """Sync the trainer's weights (optimizer step `step`) into the engine, then every check of the start gate (no
         policy applied)."""
         with self.policy.isolated(trackers=True):
-            self.sync(step)
+            with self.phase("weight sync and its verification"):
+                self.sync(step)
             return self.checks("start")
 
     def after_sync(self, step: int) -> GateReport:
@@ -163,6 +168,19 @@ class Gate:
         failed = [c for c in failed if not c.passed]
         return BatchVerdict(failed, check.passed and not failed, stats, m.keep, m.trainer_logprobs, m.engine_logprobs,
                             m.weights)
+
+    @contextmanager
+    def phase(self, name: str):
+        """One phase of a full gate, reported when it ends with its elapsed seconds (`on_phase`)."""
+        start = time.perf_counter()
+        yield
+        self.on_phase(name, time.perf_counter() - start)
+
+    def on_phase(self, name: str, seconds: float) -> None:
+        """Where phase reports go: the `trl_correct` logger at INFO, on the main process (override or replace to send
+        them elsewhere)."""
+        if self.policy.is_main_process:
+            logger.info("trl-correct gate: %s done in %.1f s", name, seconds)
 
     # -- sync ------------------------------------------------------------------------------------------------------
     def sync(self, step: int) -> Check:
@@ -248,10 +266,12 @@ class Gate:
         # every rank probes or none does: the probe has collectives (a TP engine, the floors' max over ranks)
         blocked = sorted({b for r in self.policy.from_every_rank(blocked) for b in r})
         if due("probe", when, caching) and not blocked:
-            probe = self.probe()
+            with self.phase("probe"):
+                probe = self.probe()
             consistency = None
             if due("calibration", when, caching):
-                floors = self.measure_floors(probe)
+                with self.phase("noise floors"):
+                    floors = self.measure_floors(probe)
                 self.calibrate(floors)
                 consistency = self_consistency_check(floors.trainer_vs_itself, CAPS[self.calibration.dtype])
             checks += self._probe_checks(probe)
@@ -291,12 +311,15 @@ class Gate:
         """The start gate's checks beyond the probe: a dry batch through TRL's `_generate` (token identity), the
         temperature applied once (a second probe, at T=1 or away from it) and the loss audit."""
         temp = self.policy.temperature
-        if temp == 1.0:
-            t, at_one, at_t = ALT_TEMPERATURE, probe.stats, self.probe(probe.prompt_ids, ALT_TEMPERATURE).stats
-        else:
-            t, at_one, at_t = temp, self.probe(probe.prompt_ids, 1.0).stats, probe.stats
-        losses, grads = self.policy.loss_audit(probe)
-        rows, sampled = self.policy.dry_batch()  # whole completions, as generated: no EOS masking yet
+        with self.phase("second temperature"):
+            if temp == 1.0:
+                t, at_one, at_t = ALT_TEMPERATURE, probe.stats, self.probe(probe.prompt_ids, ALT_TEMPERATURE).stats
+            else:
+                t, at_one, at_t = temp, self.probe(probe.prompt_ids, 1.0).stats, probe.stats
+        with self.phase("loss audit"):
+            losses, grads = self.policy.loss_audit(probe)
+        with self.phase("dry batch through TRL's generation"):
+            rows, sampled = self.policy.dry_batch()  # whole completions, as generated: no EOS masking yet
         return [self.token_identity(rows, sampled, "generation through TRL's _generate"),
                 temperature_check(at_one, at_t, t, self.thresholds, engine_ignores_t),
                 loss_audit_check(losses, grads, scales=AUDIT_SCALES,

@@ -56,6 +56,10 @@ class PolicySide:
         return self._trainer.temperature
 
     @property
+    def is_main_process(self) -> bool:
+        return self._trainer.accelerator.is_main_process
+
+    @property
     def num_processes(self) -> int:
         return self._trainer.accelerator.num_processes
 

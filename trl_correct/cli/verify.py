@@ -40,6 +40,7 @@ import tempfile
 from dataclasses import dataclass
 
 from .. import certificate
+from ..certificate import figure, gate_words
 from ..core.calibrate import DECIDING
 from ..core.checks import SHORT
 
@@ -117,14 +118,14 @@ def check(path: str, cert: dict, recipe: str | None, flags: list[str]) -> tuple[
         got, dtypes = certificate.weights_fingerprint(trainer.engine_weights())
         rows.append(weights_row(cert["weights"], got, dtypes))
         if not rows[-1].holds:
-            rows.append(Row("gate", _gate_str(cert["gate"]), "not re-run: the weights are not the certified ones",
+            rows.append(Row("gate", gate_words(cert["gate"]), "not re-run: the weights are not the certified ones",
                             None))
             return rows, notes + environment_notes(cert, None)
         trainer.build_engine()
         report = trainer.run_gate()
         print(report.table(), flush=True)
         rows.append(settings_row(cert["settings"], trainer))
-        rows.append(Row("gate", _gate_str(cert["gate"]), _gate_str(report.to_dict()), report.passed,
+        rows.append(Row("gate", gate_words(cert["gate"]), gate_words(report.to_dict()), report.passed,
                         f"the re-run gate fails ({', '.join(report.causes)})"))
         rows += figure_rows(cert, report.mismatch)
         notes += environment_notes(cert, trainer.engine.facts().vllm_version)
@@ -269,13 +270,6 @@ def settings_row(certified: dict, trainer) -> Row:
                "; ".join(diffs))
 
 
-def _gate_str(gate: dict | None) -> str:
-    if gate is None:
-        return "not run"
-    return f"{gate['verdict']} ({len(gate['checks'])} checks" + (
-        f"; failed: {', '.join(gate['causes'])})" if gate["causes"] else ")")
-
-
 def figure_rows(cert: dict, mismatch: dict) -> list[Row]:
     """One row per deciding statistic: the re-run probe's figure within the certificate's threshold."""
     rows = []
@@ -284,13 +278,9 @@ def figure_rows(cert: dict, mismatch: dict) -> list[Row]:
         limit, got = cert["thresholds"][stat], mismatch.get(stat)
         ok = got is not None and got <= limit
         rows.append(Row(stat,
-                        _num(certified.get(stat)), f"{_num(got)} (limit {limit:.3g})", ok,
-                        f"re-run {SHORT[stat]} {_num(got)} is over the certificate's threshold {limit:.3g}"))
+                        figure(certified.get(stat)), f"{figure(got)} (limit {limit:.3g})", ok,
+                        f"re-run {SHORT[stat]} {figure(got)} is over the certificate's threshold {limit:.3g}"))
     return rows
-
-
-def _num(x) -> str:
-    return "-" if x is None else f"{x:.3g}"
 
 
 def environment_notes(cert: dict, vllm_version: str | None) -> list[str]:

@@ -148,8 +148,8 @@ def _stale_shard(t):
 
 def _wake_without_reload(t):
     # the engine is woken from level-2 sleep and the load that must follow is skipped: it computes with whatever the
-    # re-mapped memory holds
-    t.engine.load_weights = lambda pairs: [None for _ in pairs]
+    # re-mapped memory holds (the same break as skip_weight_sync, met on the sleep path)
+    _skip(t)
 
 
 def _drop_ratio(t):
