@@ -18,13 +18,15 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import run_child, single_process_env  # noqa: E402
+from _common import run_child  # noqa: E402
 
 STEPS = 3
 
 
 def child(family: str, dtype: str, out: str) -> None:
-    single_process_env()
+    # as the tests run: no launcher variables (the engine sets its own while it builds, adapters/engine.launcher_env)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
     from transformers.core_model_loading import revert_weight_conversion
 
