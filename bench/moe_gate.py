@@ -28,6 +28,7 @@ def child(family: str, dtype: str, out: str) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+    import torch
     from transformers.core_model_loading import revert_weight_conversion
 
     from trl_correct import CorrectGRPOConfig, CorrectGRPOTrainer
@@ -42,7 +43,8 @@ def child(family: str, dtype: str, out: str) -> None:
         args = CorrectGRPOConfig(output_dir=tmp, bf16=dtype == "bfloat16", max_steps=STEPS, learning_rate=1e-3,
                                  per_device_train_batch_size=8, num_generations=4, max_completion_length=12,
                                  temperature=0.9, beta=0.0, logging_steps=1, save_strategy="no", report_to="none",
-                                 seed=0, probe_size=4, probe_tokens=8, disable_tqdm=True, gate="observe")
+                                 seed=0, probe_size=4, probe_tokens=8, disable_tqdm=True, gate="observe",
+                                 use_cpu=dtype == "bfloat16" and not torch.cuda.is_available())
         cls = CheckpointNames if family == "mixtral" else CorrectGRPOTrainer
         trainer = cls(model=str(tiny_family_dir(family)), reward_funcs=[keyword_reward], args=args,
                       train_dataset=tiny_prompts())
