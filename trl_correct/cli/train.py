@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from ..config import CorrectGRPOConfig
+from ..console import cli_logging, note_vllm_release
 from ..tasks.tiny import TINY_MODEL, TINY_PROMPTS, tiny_model_dir, tiny_prompts
 
 logger = logging.getLogger("trl_correct")
@@ -104,7 +105,10 @@ def build_trainer(argv: list[str] | None = None):
     """Parse a recipe plus flags (as the main job does) and build the trainer; nothing is trained yet."""
     parser = TrlParser((TrainScriptArguments, CorrectGRPOConfig, ModelConfig))
     script_args, args, model_args = parser.parse_args_and_config(args=argv)
+    cli_logging(args)  # the gate's phases and the engine build at INFO on rank 0 (--log_level warning hides them)
     from ..trainer import CorrectGRPOTrainer
+
+    note_vllm_release()
 
     if model_args.use_peft and not given(argv, "lora_dropout") and model_args.lora_dropout:
         # TRL's ModelConfig defaults to 0.05, which makes the trainer's logprobs random draws once the adapter is
