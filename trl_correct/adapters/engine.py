@@ -216,8 +216,7 @@ class Engine:
         self.sync_count = 0
         self.last_sync_stale: list[str] = []
         self.last_reset_ok: bool | None = None
-        self._resets = 0  # calls of vLLM's prefix-cache reset
-        self.syncs_without_reset = 0  # syncs (prefix caching on) after which vLLM's cache reset was never called
+        self.syncs_without_reset = 0  # syncs (prefix caching on) after which vLLM's cache still held cached blocks
         self.repush_stale: list[str] = []  # stale groups of re-pushes inside sample() (sleep mode), until taken
         self.verify_after_sync = True  # fingerprint after every sync (costs one read of the weights on each side)
         self.sleeping = False  # level-2 sleep: the engine's weights are discarded until the next load
@@ -323,10 +322,18 @@ class Engine:
         self._rpc(_refresh_shared)
 
     def reset_prefix_cache(self) -> bool:
-        """vLLM's prefix-cache reset and its answer (False: refused, blocks still held); counted, so whether every
-        sync was followed by a real reset is a measured fact (`EngineFacts.reset_after_sync`)."""
-        self._resets += 1
+        """vLLM's prefix-cache reset and its answer (False: refused, blocks still held)."""
         return bool(self.llm.reset_prefix_cache())
+
+    def cached_blocks(self) -> int | None:
+        """How many KV blocks vLLM's scheduler can still serve from its prefix cache (None: not readable in this
+        vLLM). Read after every sync's reset, so that whether the cache really was dropped is measured, not taken
+        from the reset's answer (`EngineFacts.reset_after_sync`)."""
+        try:
+            pool = self.llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
+            return sum(1 for _ in pool.cached_block_hash_to_block._cache)
+        except AttributeError:  # another vLLM layout, or multiprocessing on: the reset's answer is all we have
+            return None
 
     # -- sleep mode (GPU colocate): weights discarded between generations, reloaded and verified on wake ------------
     def sleep(self) -> None:
@@ -358,9 +365,8 @@ class Engine:
         self.load_weights(tap(pairs) if self.verify_after_sync else pairs)
         self.sync_count += 1
         if self.settings.enable_prefix_caching:
-            resets = self._resets
             self.last_reset_ok = self.reset_prefix_cache()
-            self.syncs_without_reset += self._resets == resets
+            self.syncs_without_reset += bool(self.cached_blocks())  # blocks computed with the old weights remain
         self.last_sync_stale = self.verify(expected) if self.verify_after_sync else []
         return self.last_sync_stale
 
