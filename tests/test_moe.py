@@ -263,25 +263,16 @@ def test_second_load_is_clean_and_vllm_bare_reload_is_caught(family):
     print(f"\nmoe {family} second_load=clean bare_reload_stale={len(bare)} bare_reload_gap={bare_gap:.3g}")
 
 
-TRAIN = ["qwen3_moe"] + (["olmoe", "qwen2_moe", "mixtral"] if os.environ.get("TRL_CORRECT_ALL_FAMILIES") else [])
-
-
-@pytest.mark.parametrize("train_family", TRAIN)
+@pytest.mark.parametrize("train_family", sorted(MOE_FAMILIES))
 def test_moe_trains_three_steps(make_trainer, train_family):
-    """Gate, 3 GRPO steps in fp32, every sync fingerprinted. Mixtral streams checkpoint names (see module
-    docstring): vLLM's Mixtral cannot load transformers 5's `mlp.experts.*`."""
+    """The architecture matrix's MoE rows: gate, 3 GRPO steps in fp32 at the fp32 floor, every sync fingerprinted
+    (the trainer streams checkpoint names: adapters/weights.py reverts transformers 5's weight conversions, which
+    vLLM's Mixtral could not load)."""
     from conftest import train_and_measure
-
-    from trl_correct import CorrectGRPOTrainer
-
-    class CheckpointNames(CorrectGRPOTrainer):
-        def engine_weights(self):
-            return iter(checkpoint_weights(self.accelerator.unwrap_model(self.model)))
 
     family = train_family
     close_current()
-    cls = CheckpointNames if family == "mixtral" else CorrectGRPOTrainer
-    trainer = make_trainer(cls=cls, model=str(tiny_family_dir(family)), max_steps=3)
+    trainer = make_trainer(model=str(tiny_family_dir(family)), max_steps=3)
     moved, gaps = train_and_measure(trainer)
     report = trainer.gate_report
     print(f"\nmoe {family} train gate:\n{report.table()}")

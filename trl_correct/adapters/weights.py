@@ -34,12 +34,40 @@ def policy_weights(model, dist=None):
     zero3 = bool(dist and dist.is_zero3)
     gather = dist.gather_params if dist is not None else _no_gather
     if not is_peft_model(model):
+        if _converted(model):  # streamed as a checkpoint holds them (save_pretrained's names and layout)
+            from transformers.core_model_loading import revert_weight_conversion
+
+            with gather(list(model.parameters())):  # the conversion needs the whole state dict at once
+                yield from revert_weight_conversion(
+                    model, {n: _full(p, zero3) for n, p in model.named_parameters()}).items()
+            return
         for name, p in model.named_parameters():
             with gather([p]):
                 yield name, _full(p, zero3)
         return
     with gather(list(model.parameters())):
         yield from _peft_weights(model, zero3)
+
+
+_CONVERTED: dict = {}  # model class -> whether transformers converts its checkpoint weights on load
+
+
+def _converted(model) -> bool:
+    """Whether transformers renames or fuses this model's weights on load (transformers 5: e.g. Mixtral's
+    block_sparse_moe.experts.{e}.w1/w2/w3 become mlp.experts.gate_up_proj/down_proj), so that the names it holds are
+    not a checkpoint's: vLLM loads checkpoint names only (measured: "There is no module or parameter named
+    'layers.0.mlp' in MixtralModel"). Models loaded under their checkpoint names stream as they are."""
+    cls = type(model)
+    if cls not in _CONVERTED:
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import PrefixChange
+
+            mapping = get_model_conversion_mapping(model, add_legacy=False)
+            _CONVERTED[cls] = any(not isinstance(x, PrefixChange) for x in mapping or [])
+        except ImportError:  # a transformers without weight conversions: names are the checkpoint's
+            _CONVERTED[cls] = False
+    return _CONVERTED[cls]
 
 
 @contextmanager
