@@ -6,6 +6,7 @@ quiet_dependencies()  # before TRL/vLLM are imported: known-harmless messages, e
 
 from .config import CorrectGRPOConfig  # noqa: E402
 from .core.checks import Check, GateFailure, GateReport  # noqa: E402
+from .errors import UserError  # noqa: E402,F401 (what the user gave is unusable: one line; errors.py)
 
 __all__ = ["CorrectGRPOConfig", "CorrectGRPOTrainer", "Check", "GateFailure", "GateReport"]
 

