@@ -17,13 +17,13 @@ import warnings
 import torch
 from trl import GRPOTrainer
 
-from . import certificate
+from . import certificate, checkpoints
 from .adapters.audit import attention_dropped, dropout_sources, model_defaults
 from .adapters.engine import Engine, EngineSettings, sampler_order
 from .adapters.head import add_processed_head, why_unreproducible
 from .adapters.policy import PolicySide
 from .adapters.trl_api import (METRIC_LENGTH, METRIC_REWARD, building_without_trl_engine, checkpoint_folder, dist,
-                               engine_current, get_last_checkpoint, load_checkpoint_weights, mark_engine_current,
+                               engine_current, load_checkpoint_weights, mark_engine_current,
                                metrics, tag_names, version_guard)
 from .adapters.weights import policy_weights, scoring_model
 from .config import CorrectGRPOConfig
@@ -31,10 +31,11 @@ from .core.checks import Check, GateFailure, GateReport
 from .core.facts import TrainerFacts
 from .core.numerics import is_weights
 from .core.records import Failure, Resume, StepRecord
+from .errors import CheckpointError
 from .gate import Gate, GateRun
 
 logger = logging.getLogger("trl_correct")
-STATE_FILE = "correctness_state.json"  # the gate's state inside each checkpoint folder
+STATE_FILE = checkpoints.STATE_FILE  # the gate's state inside each checkpoint folder
 
 
 class CorrectGRPOTrainer(GRPOTrainer):
@@ -170,11 +171,18 @@ class CorrectGRPOTrainer(GRPOTrainer):
         return self.gate.sync(self.state.global_step)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"resume_from_checkpoint=True is invalid: no checkpoint in {self.args.output_dir}; "
-                                 "give a checkpoint folder")
+        """One run per output_dir (checkpoints.py's lock, main process); a resume only from a whole checkpoint (a
+        partial one given by path is refused by name; True: the latest whole one)."""
+        lock = checkpoints.output_dir_lock(self.args.output_dir) if self.accelerator.is_main_process else None
+        if lock:
+            lock.acquire()
+        try:
+            return self._train(checkpoints.resolve_resume(resume_from_checkpoint, self.args.output_dir), **kwargs)
+        finally:
+            if lock:
+                lock.release()
+
+    def _train(self, resume_from_checkpoint: str | None, **kwargs):
         if resume_from_checkpoint:
             self._restore(resume_from_checkpoint)
         self.gate_report = self.run_gate()
@@ -236,10 +244,14 @@ class CorrectGRPOTrainer(GRPOTrainer):
                 json.dump(self.gate_state(engine=True), f, indent=2, default=str)
 
     def _save_checkpoint(self, model, trial):
+        """TRL's checkpoint, then the gate state, then (every rank done) the marker that makes it a whole one."""
         super()._save_checkpoint(model, trial)
+        folder = checkpoint_folder(self, trial)
         if self.accelerator.is_main_process:
-            with open(os.path.join(checkpoint_folder(self, trial), STATE_FILE), "w") as f:
-                json.dump(self.gate_state(), f, indent=2, default=str)
+            checkpoints.write_json_atomic(os.path.join(folder, STATE_FILE), self.gate_state(), indent=2, default=str)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            checkpoints.mark_complete(folder, self.state.global_step)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call=_internal_call)
@@ -247,8 +259,19 @@ class CorrectGRPOTrainer(GRPOTrainer):
 
     def _restore(self, checkpoint: str) -> None:
         """Load the checkpoint's weights now (so the gate syncs and probes what training resumes from) and its gate
-        history. TIS stays off: only the gate that follows can switch it back on."""
-        load_checkpoint_weights(self, checkpoint)
+        history. TIS stays off: only the gate that follows can switch it back on. Settings that change what the gate
+        compares are re-gated and recorded, not refused (why: checkpoints.settings_changes)."""
+        try:
+            load_checkpoint_weights(self, checkpoint)
+        except (RuntimeError, ValueError, OSError) as e:
+            raise CheckpointError(f"resume_from_checkpoint={checkpoint!r} is invalid: its weights do not load into "
+                                  f"this model ({str(e).strip().splitlines()[0][:200]}); resume with the "
+                                  "model_name_or_path it was trained from") from e
+        changed = checkpoints.settings_changes(checkpoint, self)
+        if changed:
+            logger.warning("trl-correct: resuming %s with changed settings (%s): the gate re-runs under the new ones; "
+                           "the certificate records the change", checkpoint, "; ".join(
+                               f"{k} {v['saved']} -> {v['now']}" for k, v in changed.items()))
         path, saved = os.path.join(checkpoint, STATE_FILE), {}
         if os.path.exists(path):
             with open(path) as f:
@@ -260,5 +283,5 @@ class CorrectGRPOTrainer(GRPOTrainer):
             logger.warning("trl-correct: %s has no %s (not saved by trl-correct): gate history starts empty",
                            checkpoint, STATE_FILE)
         self.resumes.append(Resume(checkpoint, saved.get("step"), (saved.get("gate") or {}).get("verdict"),
-                                   saved.get("tis_enabled")))
+                                   saved.get("tis_enabled"), changed or None))
         self.tis_enabled = False

@@ -165,17 +165,19 @@ class Failure(Record):
 
 @dataclass(frozen=True)
 class Resume(Record):
-    """A resume: the checkpoint, the step it was saved at, and its gate verdict and TIS state then."""
+    """A resume: the checkpoint, the step it was saved at, and its gate verdict and TIS state then; `changed`: the
+    settings the gate compares that differ from the checkpoint's ({"<side> <fact>": {"saved", "now"}}), if any."""
 
     source: str
     step: int | None
     saved_gate: str | None
     saved_tis_enabled: bool | None
+    changed: dict | None = None
 
     def to_dict(self) -> dict:
         return {"from": self.source, "step": self.step, "saved_gate": self.saved_gate,
-                "saved_tis_enabled": self.saved_tis_enabled}
+                "saved_tis_enabled": self.saved_tis_enabled, **({"changed": self.changed} if self.changed else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Resume":
-        return cls(d["from"], d.get("step"), d.get("saved_gate"), d.get("saved_tis_enabled"))
+        return cls(d["from"], d.get("step"), d.get("saved_gate"), d.get("saved_tis_enabled"), d.get("changed"))
