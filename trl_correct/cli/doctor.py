@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 
+from . import ArgumentParser, guarded
 from ..testing.faults import FAULTS, run_with_faults
 from ..core.numerics import MISMATCH_KEYS
 
@@ -141,8 +142,8 @@ def plot(rows, path: str, thresholds: dict | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="trl-correct doctor", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="trl-correct doctor", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="recipe YAML (as for train)")
     ap.add_argument("--json", help="write the report as JSON here")
     ap.add_argument("--plot", help="write a PNG of |Δlogp| per setting here")
@@ -222,4 +223,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded("trl-correct doctor", main, sys.argv[1:]))

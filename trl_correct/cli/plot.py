@@ -13,6 +13,8 @@ import json
 import os
 import sys
 
+from . import ArgumentParser, guarded
+
 FLOOR = 1e-9  # an exact 0 on a log axis
 
 
@@ -84,8 +86,8 @@ def plot_run(report: dict, path: str, title: str = "") -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="trl-correct plot", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="trl-correct plot", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", help="a run's output_dir (holds correctness_report.json)")
     ap.add_argument("--out", help="PNG path (default: RUN_DIR/correctness.png)")
     a = ap.parse_args(argv)
@@ -93,8 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.exists(path):
         print(f"trl-correct plot: {path} not found: give the output_dir of a trl-correct run", file=sys.stderr)
         return 2
-    with open(path) as f:
-        report = json.load(f)
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except (OSError, ValueError) as e:
+        print(f"trl-correct plot: {path} is not readable as JSON ({type(e).__name__}: {e}); give the output_dir of a "
+              "trl-correct run", file=sys.stderr)
+        return 2
+    if not isinstance(report, dict):
+        print(f"trl-correct plot: {path} is not a trl-correct report (a JSON {type(report).__name__}); give the "
+              "output_dir of a trl-correct run", file=sys.stderr)
+        return 2
     out = a.out or os.path.join(a.run_dir, "correctness.png")
     try:
         plot_run(report, out, title=os.path.basename(os.path.normpath(a.run_dir)))
@@ -106,4 +117,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded("trl-correct plot", main, sys.argv[1:]))

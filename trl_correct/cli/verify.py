@@ -39,10 +39,12 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-from .. import certificate
+from .. import certificate, checkpoints
 from ..certificate import figure, gate_words
 from ..core.calibrate import DECIDING
 from ..core.checks import SHORT
+from ..errors import ConfigError
+from . import ArgumentParser
 
 ADAPTER_FILE = "adapter_config.json"  # PEFT's: the folder holds an adapter, not a whole model
 # Fields verify sets whatever the recipe says: it builds a trainer to gate, never to train or save.
@@ -53,7 +55,7 @@ TRAINER_FACTS = ("compute_dtype", "head_dtype", "fp32_lm_head", "sampler")
 ENGINE_FACTS = ("compute_dtype", "head_dtype", "logprobs_mode", "sampler", "prefix_caching", "async_scheduling")
 
 
-class UsageError(ValueError):
+class UsageError(ConfigError):
     """Arguments verify cannot run with (exit 2)."""
 
 
@@ -72,11 +74,14 @@ def no_reward(completions, **kwargs) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="trl-correct verify", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="trl-correct verify", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("path", help="a saved model or checkpoint folder")
     ap.add_argument("--config", help="recipe YAML: prompts, rewards, engine memory (optional)")
     a, flags = ap.parse_known_args(argv)
+    from .train import check_flags
+
+    check_flags(flags)  # recipe flags: each names a field (errors.RecipeError, exit 2)
     if not os.path.isdir(a.path):
         print(f"trl-correct verify: no certificate: {a.path} is not a folder; give a saved model or checkpoint folder",
               file=sys.stderr)
@@ -86,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trl-correct verify: no certificate: {a.path} has no {certificate.CERTIFICATE_FILE} (trl-correct writes "
               "one into every model it saves and every checkpoint)", file=sys.stderr)
         return 2
+    if checkpoints.CHECKPOINT_RE.match(os.path.basename(os.path.normpath(a.path))):
+        why = checkpoints.why_partial(a.path)
+        if why:
+            print(f"trl-correct verify: {a.path} is a partial checkpoint ({why}); verify a whole checkpoint or the "
+                  "final model", file=sys.stderr)
+            return 2
     try:
         rows, notes = check(a.path, cert, a.config, flags)
     except UsageError as e:
@@ -162,10 +173,8 @@ def _verifier_class():
 def build_verifier(path: str, cert: dict, recipe: str | None, flags: list[str], out_dir: str, notes: list[str]):
     """A trainer for the weights in `path` under the certificate's settings (recipe and flags for the rest)."""
     import yaml
-    from trl import ModelConfig, TrlParser
 
-    from ..config import CorrectGRPOConfig
-    from .train import TrainScriptArguments, load_prompts, load_reward, resolve_model
+    from .train import load_prompts, load_recipe, load_reward, parse, resolve_model
 
     certified = cert["settings"]["config"]
     given = {f.removeprefix("--").split("=")[0] for f in flags if f.startswith("--")}
@@ -175,10 +184,7 @@ def build_verifier(path: str, cert: dict, recipe: str | None, flags: list[str], 
                          f"{clash[0]}={certified[clash[0]]!r}; drop the flag")
     values = {}
     if recipe:
-        with open(recipe) as f:
-            values = yaml.safe_load(f) or {}
-        if not isinstance(values, dict):
-            raise UsageError(f"--config {recipe} is invalid: a recipe is a YAML mapping of field: value")
+        values = dict(load_recipe(recipe))  # the file, its syntax, a mapping, known fields, their types: one line each
         for k, v in (values.pop("env", None) or {}).items():  # as TRL's parser does
             os.environ[k] = str(v)
     for k, v in certified.items():
@@ -189,8 +195,7 @@ def build_verifier(path: str, cert: dict, recipe: str | None, flags: list[str], 
     merged = os.path.join(out_dir, "recipe.yaml")
     with open(merged, "w") as f:
         yaml.safe_dump(values, f)
-    parser = TrlParser((TrainScriptArguments, CorrectGRPOConfig, ModelConfig))
-    script_args, args, model_args = parser.parse_args_and_config(args=["--config", merged, *flags])
+    script_args, args, model_args = parse(["--config", merged, *flags])
     if recipe or "dataset_name" in given:
         dataset, rewards = load_prompts(script_args), [load_reward(r) for r in script_args.reward_funcs]
     else:
