@@ -152,7 +152,7 @@ BAD_INPUTS = {
     "resume latest, none whole": (lambda t: [*TINY, "--output_dir", str(t / "out"), "--resume_from_checkpoint", "true",
                                              *([] if partial_checkpoint(t / "out") else [])],
                                   "no whole checkpoint in"),
-    "output_dir holds a run": (lambda t: [*TINY, "--output_dir", str(t / "out"),
+    "output_dir holds a run": (lambda t: [*TINY, "--output_dir", str(t / "out"), "--overwrite_output_dir", "false",
                                           *([] if partial_checkpoint(t / "out") else [])],
                                "it holds a previous run (checkpoint-4)"),
 }

@@ -33,7 +33,8 @@ def test_resume_restores_gate_history_and_gates_the_checkpoint(make_trainer):
     assert second.gate_report.passed and second.gate_report.mismatch["max_abs_logprob_diff"] < 1e-4
     assert [r["step"] for r in second.step_records] == [0, 1, 2, 3] and all(r["tis_enabled"]
                                                                            for r in second.step_records)
-    assert second.resumes == [{"from": str(ckpt), "step": 2, "saved_gate": "pass", "saved_tis_enabled": True}]
+    assert [r.to_dict() for r in second.resumes] == [{"from": str(ckpt), "step": 2, "saved_gate": "pass",
+                                                      "saved_tis_enabled": True}]
     report = json.loads((Path(second.args.output_dir) / "correctness_report.json").read_text())
     assert report["resumes"][0]["step"] == 2 and len(report["steps"]) == 4
 

@@ -12,6 +12,7 @@ on_gate_failure(). Public state: gate, gate_report, tis_enabled, step_records, f
 import json
 import logging
 import os
+import time
 import warnings
 
 import torch
@@ -75,9 +76,14 @@ class CorrectGRPOTrainer(GRPOTrainer):
         if self.engine is not None:
             self.engine.close()  # free the old engine (and its KV cache) before building the next
             self.engine = self.vllm_generation = None
+        main, start = self.accelerator.is_main_process, time.perf_counter()
+        if main:
+            logger.info("trl-correct: building the vLLM engine (%s, %s) ...", settings.model, settings.dtype)
         self.engine = self.gate.engine = Engine(settings, weights_fn=self.engine_weights,
                                                 rank=self.accelerator.process_index,
                                                 world_size=self.accelerator.num_processes)
+        if main:
+            logger.info("trl-correct: engine built in %.1f s", time.perf_counter() - start)
         self.engine.verify_after_sync = self.args.verify_weight_sync
         self.vllm_generation = self.engine  # TRL's loop calls generate() on it (its own sync finds nothing to do)
         mark_engine_current(self, False)
@@ -216,7 +222,8 @@ class CorrectGRPOTrainer(GRPOTrainer):
         v = self.gate.on_batch(out, sampled, step, self.tis_enabled)
         v.drop_unscorable(out)  # never train on a token either side cannot score
         if v.failed:
-            self.on_gate_failure(GateReport(tuple(v.failed), v.stats.to_dict()), f"on the training batch at step {step}")
+            self.on_gate_failure(GateReport(tuple(v.failed), v.stats.to_dict()),
+                                 f"on the training batch at step {step}")
         out["importance_sampling_ratio"] = v.weights if self.tis_enabled else torch.ones_like(v.weights)
         trl_metrics = metrics(self)["train"]
         passed = bool(self.gate_report and self.gate_report.passed and v.passed)
