@@ -31,6 +31,7 @@ import os
 import re
 import socket
 import sys
+from contextlib import contextmanager
 from datetime import datetime, timezone
 
 from .errors import CheckpointError, OutputDirError
@@ -182,6 +183,29 @@ def _without_order(v):
     return {k: x for k, x in v.items() if k != "order"} if isinstance(v, dict) else v
 
 
+def load_weights(trainer, checkpoint: str, load) -> None:
+    """`load(trainer, checkpoint)` (transformers' checkpoint loading, through adapters/trl_api.py); weights that do not
+    load into this model are a CheckpointError naming the checkpoint and the fix."""
+    try:
+        load(trainer, checkpoint)
+    except (RuntimeError, ValueError, OSError) as e:
+        raise CheckpointError(f"resume_from_checkpoint={checkpoint!r} is invalid: its weights do not load into "
+                              f"this model ({str(e).strip().splitlines()[0][:200]}); resume with the "
+                              "model_name_or_path it was trained from") from e
+
+
+def read_state(checkpoint: str) -> dict:
+    """The gate state saved in `checkpoint` (STATE_FILE: step, verdict, TIS state, steps, failures, resumes); {} with
+    a warning when the checkpoint was not saved by trl-correct."""
+    path = os.path.join(checkpoint, STATE_FILE)
+    if not os.path.exists(path):
+        logger.warning("trl-correct: %s has no %s (not saved by trl-correct): gate history starts empty",
+                       checkpoint, STATE_FILE)
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def settings_changes(checkpoint: str, trainer) -> dict:
     """{"<side> <fact>": {"saved": ..., "now": ...}} for each GATED_SETTINGS entry that differs between the
     checkpoint's certificate and `trainer` (its engine built). {} when they agree or the checkpoint has no certificate.
@@ -206,6 +230,10 @@ def settings_changes(checkpoint: str, trainer) -> dict:
         a, b = _without_order(saved[side].get(key)), _without_order(now[side].get(key))
         if key in saved[side] and a != b:
             changes[f"{side} {key}"] = {"saved": a, "now": b}
+    if changes:
+        logger.warning("trl-correct: resuming %s with changed settings (%s): the gate re-runs under the new ones; the "
+                       "certificate records the change", checkpoint,
+                       "; ".join(f"{k} {v['saved']} -> {v['now']}" for k, v in changes.items()))
     return changes
 
 
@@ -301,6 +329,20 @@ class OutputDirLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+@contextmanager
+def run_lock(output_dir: str, main_process: bool = True):
+    """The output_dir lock held for the body, by the main process (the other ranks write no checkpoint of their
+    own)."""
+    lock = output_dir_lock(output_dir) if main_process else None
+    if lock:
+        lock.acquire()
+    try:
+        yield lock
+    finally:
+        if lock:
+            lock.release()
 
 
 def output_dir_lock(output_dir: str) -> OutputDirLock:

@@ -12,7 +12,6 @@ on_gate_failure(). Public state: gate, gate_report, tis_enabled, step_records, f
 import json
 import logging
 import os
-import time
 import warnings
 
 import torch
@@ -32,7 +31,6 @@ from .core.checks import Check, GateFailure, GateReport
 from .core.facts import TrainerFacts
 from .core.numerics import is_weights
 from .core.records import Failure, Resume, StepRecord
-from .errors import CheckpointError
 from .gate import Gate, GateRun
 
 logger = logging.getLogger("trl_correct")
@@ -76,14 +74,9 @@ class CorrectGRPOTrainer(GRPOTrainer):
         if self.engine is not None:
             self.engine.close()  # free the old engine (and its KV cache) before building the next
             self.engine = self.vllm_generation = None
-        main, start = self.accelerator.is_main_process, time.perf_counter()
-        if main:
-            logger.info("trl-correct: building the vLLM engine (%s, %s) ...", settings.model, settings.dtype)
         self.engine = self.gate.engine = Engine(settings, weights_fn=self.engine_weights,
                                                 rank=self.accelerator.process_index,
                                                 world_size=self.accelerator.num_processes)
-        if main:
-            logger.info("trl-correct: engine built in %.1f s", time.perf_counter() - start)
         self.engine.verify_after_sync = self.args.verify_weight_sync
         self.vllm_generation = self.engine  # TRL's loop calls generate() on it (its own sync finds nothing to do)
         mark_engine_current(self, False)
@@ -179,14 +172,8 @@ class CorrectGRPOTrainer(GRPOTrainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """One run per output_dir (checkpoints.py's lock, main process); a resume only from a whole checkpoint (a
         partial one given by path is refused by name; True: the latest whole one)."""
-        lock = checkpoints.output_dir_lock(self.args.output_dir) if self.accelerator.is_main_process else None
-        if lock:
-            lock.acquire()
-        try:
+        with checkpoints.run_lock(self.args.output_dir, self.accelerator.is_main_process):
             return self._train(checkpoints.resolve_resume(resume_from_checkpoint, self.args.output_dir), **kwargs)
-        finally:
-            if lock:
-                lock.release()
 
     def _train(self, resume_from_checkpoint: str | None, **kwargs):
         if resume_from_checkpoint:
@@ -268,27 +255,12 @@ class CorrectGRPOTrainer(GRPOTrainer):
         """Load the checkpoint's weights now (so the gate syncs and probes what training resumes from) and its gate
         history. TIS stays off: only the gate that follows can switch it back on. Settings that change what the gate
         compares are re-gated and recorded, not refused (why: checkpoints.settings_changes)."""
-        try:
-            load_checkpoint_weights(self, checkpoint)
-        except (RuntimeError, ValueError, OSError) as e:
-            raise CheckpointError(f"resume_from_checkpoint={checkpoint!r} is invalid: its weights do not load into "
-                                  f"this model ({str(e).strip().splitlines()[0][:200]}); resume with the "
-                                  "model_name_or_path it was trained from") from e
+        checkpoints.load_weights(self, checkpoint, load_checkpoint_weights)
         changed = checkpoints.settings_changes(checkpoint, self)
-        if changed:
-            logger.warning("trl-correct: resuming %s with changed settings (%s): the gate re-runs under the new ones; "
-                           "the certificate records the change", checkpoint, "; ".join(
-                               f"{k} {v['saved']} -> {v['now']}" for k, v in changed.items()))
-        path, saved = os.path.join(checkpoint, STATE_FILE), {}
-        if os.path.exists(path):
-            with open(path) as f:
-                saved = json.load(f)
-            self.step_records = [StepRecord.from_dict(r) for r in saved.get("steps", [])]
-            self.failures = [Failure.from_dict(r) for r in saved.get("failures", [])]
-            self.resumes = [Resume.from_dict(r) for r in saved.get("resumes", [])]
-        else:
-            logger.warning("trl-correct: %s has no %s (not saved by trl-correct): gate history starts empty",
-                           checkpoint, STATE_FILE)
+        saved = checkpoints.read_state(checkpoint)
+        self.step_records = [StepRecord.from_dict(r) for r in saved.get("steps", [])]
+        self.failures = [Failure.from_dict(r) for r in saved.get("failures", [])]
+        self.resumes = [Resume.from_dict(r) for r in saved.get("resumes", [])]
         self.resumes.append(Resume(checkpoint, saved.get("step"), (saved.get("gate") or {}).get("verdict"),
                                    saved.get("tis_enabled"), changed or None))
         self.tis_enabled = False
