@@ -138,6 +138,12 @@ class CorrectGRPOConfig(GRPOConfig):
                 "replace mm/log_softmax/softmax/mean for the trainer too) and a gate that requires trainer and "
                 "engine logprobs to be equal (every threshold 0). Needs a CUDA GPU (SM80+); elsewhere the gate fails "
                 "with cause bit_exact and the reason."})
+    routing_replay: bool = field(default=False, metadata={
+        "help": "Mixture-of-experts models: routing replay (R3). The trainer's forward sends each token to the experts "
+                "the engine routed it to while generating (the weights from the trainer's own router, so gradients "
+                "reach the router), for TRL's scoring and loss alike; the gate shows the routing figures and the "
+                "mismatch with and without it. Off: the routers decide on each side (cause routing when they "
+                "disagree beyond the trainer's own floor)."})
     probe_size: int = field(default=8, metadata={"help": "Prompts in the gate's dynamic probe."})
     # 8 x 32 = 256 probe tokens: the p99 the thresholds are calibrated from is then about the 3rd largest gap, not
     # the largest (measured, tiny bf16 at 8 x 16: a clean probe's p99 sat 2.5x above the floor's, both ~ a maximum)
