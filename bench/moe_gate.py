@@ -1,9 +1,13 @@
 """The gate on the tiny mixture-of-experts families (tiny.py `MOE_FAMILIES`): per family and dtype, a real
 CorrectGRPOTrainer (colocated vLLM engine) runs the gate and 3 GRPO steps; printed: the gate verdict, its probe's
-mean / max |Δlogprob| (trainer vs engine), every step's mean / max, and the stale groups of the last sync.
+mean / p99 / max |Δlogprob| (trainer vs engine), the routing figures (the share of token-layers and of tokens whose
+experts differ between the engine and the trainer's router, the trainer-vs-itself floor, the limit; with --replay
+the mismatch with and without routing replay), every step's mean / max and routing flips, and the stale groups of
+the last sync.
 
     .venv/bin/python bench/moe_gate.py                       # every MoE family, float32
     .venv/bin/python bench/moe_gate.py --dtype bfloat16 qwen3_moe
+    .venv/bin/python bench/moe_gate.py --dtype bfloat16 --replay qwen3_moe    # routing_replay: true
 
 Each family runs in a child process of its own (one vLLM engine at a time, and no class patched by one family's
 engine leaks into the next). Mixtral streams checkpoint names (`revert_weight_conversion`): vLLM's Mixtral cannot load
@@ -23,7 +27,7 @@ from _common import run_child  # noqa: E402
 STEPS = 3
 
 
-def child(family: str, dtype: str, out: str) -> None:
+def child(family: str, dtype: str, out: str, replay: bool = False, steps: int = STEPS) -> None:
     # as the tests run: no launcher variables (the engine sets its own while it builds, adapters/engine.launcher_env)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -40,21 +44,26 @@ def child(family: str, dtype: str, out: str) -> None:
             return iter(revert_weight_conversion(model, {n: p.detach() for n, p in model.named_parameters()}).items())
 
     with tempfile.TemporaryDirectory() as tmp:
-        args = CorrectGRPOConfig(output_dir=tmp, bf16=dtype == "bfloat16", max_steps=STEPS, learning_rate=1e-3,
+        args = CorrectGRPOConfig(output_dir=tmp, bf16=dtype == "bfloat16", max_steps=steps, learning_rate=1e-3,
                                  per_device_train_batch_size=8, num_generations=4, max_completion_length=12,
                                  temperature=0.9, beta=0.0, logging_steps=1, save_strategy="no", report_to="none",
                                  seed=0, probe_size=4, probe_tokens=8, disable_tqdm=True, gate="observe",
-                                 use_cpu=dtype == "bfloat16" and not torch.cuda.is_available())
+                                 use_cpu=dtype == "bfloat16" and not torch.cuda.is_available(),
+                                 routing_replay=replay)
         cls = CheckpointNames if family == "mixtral" else CorrectGRPOTrainer
         trainer = cls(model=str(tiny_family_dir(family)), reward_funcs=[keyword_reward], args=args,
                       train_dataset=tiny_prompts())
         trainer.train()
         report = trainer.gate_report
-        steps = [(r["mean_abs_logprob_diff"], r["max_abs_logprob_diff"]) for r in trainer.step_records]
-        result = dict(family=family, dtype=dtype, gate="PASS" if report.passed else "FAIL",
+        steps = [(r["mean_abs_logprob_diff"], r["max_abs_logprob_diff"],
+                  (r.get("routing") or {}).get("flip_frac_token_layer")) for r in trainer.step_records]
+        step_routing = [r.get("routing") for r in trainer.step_records]
+        result = dict(family=family, dtype=dtype, replay=replay, gate="PASS" if report.passed else "FAIL",
                       failed=[c.name for c in report.checks if not c.passed],
                       probe_mean=report.mismatch["mean_abs_logprob_diff"],
-                      probe_max=report.mismatch["max_abs_logprob_diff"], steps=steps,
+                      probe_p99=report.mismatch["p99_abs_logprob_diff"],
+                      probe_max=report.mismatch["max_abs_logprob_diff"], routing=report.mismatch.get("routing"),
+                      thresholds=report.mismatch.get("thresholds"), steps=steps, step_routing=step_routing,
                       syncs=trainer.engine.sync_count, last_sync_stale=trainer.engine.last_sync_stale,
                       table=report.table())
         trainer.engine.close()
@@ -67,19 +76,46 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("families", nargs="*", default=list(MOE_FAMILIES))
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--replay", action="store_true", help="routing_replay: true")
+    ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--tables", action="store_true", help="print each family's gate table too")
     ap.add_argument("--child", nargs=2, metavar=("FAMILY", "OUT"))
     a = ap.parse_args()
     if a.child:
-        return child(a.child[0], a.dtype, a.child[1])
+        return child(a.child[0], a.dtype, a.child[1], a.replay, a.steps)
     for family in a.families:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "r.json")
-            r = run_child([__file__, "--dtype", a.dtype, "--child", family, out], out, family)
-        steps = " ".join(f"{m:.3g}/{x:.3g}" for m, x in r["steps"])
-        print(f"moe-gate {r['family']} {r['dtype']} gate={r['gate']} failed={r['failed']} "
-              f"probe mean={r['probe_mean']:.3g} max={r['probe_max']:.3g} steps(mean/max)={steps} "
-              f"syncs={r['syncs']} last_sync_stale={r['last_sync_stale']}", flush=True)
+            r = run_child([__file__, "--dtype", a.dtype, *(["--replay"] if a.replay else []), "--steps",
+                           str(a.steps), "--child", family, out], out, family)
+        steps = " ".join(f"{m:.3g}/{x:.3g}" + (f"/{f:.1%}" if f is not None else "") for m, x, f in r["steps"])
+        th = r["thresholds"] or {}
+        print(f"moe-gate {r['family']} {r['dtype']} replay={'on' if r['replay'] else 'off'} gate={r['gate']} "
+              f"failed={r['failed']} probe mean={r['probe_mean']:.3g} (limit {th.get('mean_abs_logprob_diff', 0):.3g}) "
+              f"p99={r['probe_p99']:.3g} (limit {th.get('p99_abs_logprob_diff', 0):.3g}) max={r['probe_max']:.3g} "
+              f"steps(mean/max/flips)={steps} syncs={r['syncs']} last_sync_stale={r['last_sync_stale']}", flush=True)
+        g = r["routing"]
+        if g:
+            floor = g.get("floor") or {}
+            line = (f"moe-gate {r['family']} {r['dtype']} routing: flips {g['flip_frac_token_layer']:.2%} of "
+                    f"{g['n_token_layers']} token-layers, {g['flip_frac_token']:.2%} of {g['n_tokens']} tokens; floor "
+                    f"{floor.get('flip_frac_token_layer', float('nan')):.2%} / {floor.get('flip_frac_token', float('nan')):.2%}"
+                    f" ({floor.get('source')}); limit {g.get('threshold', float('nan')):.3g}")
+            if "replay" in g:
+                w, wo = g.get("mismatch_with_replay") or {}, g.get("mismatch_without_replay") or {}
+                line += (f"; replay: experts not the engine's on {g['replay']['flip_frac_token_layer']:.2%}; "
+                         f"mismatch without replay mean {wo.get('mean_abs_logprob_diff', float('nan')):.3g} "
+                         f"p99 {wo.get('p99_abs_logprob_diff', float('nan')):.3g} "
+                         f"max {wo.get('max_abs_logprob_diff', float('nan')):.3g}, with replay mean "
+                         f"{w.get('mean_abs_logprob_diff', float('nan')):.3g} "
+                         f"p99 {w.get('p99_abs_logprob_diff', float('nan')):.3g} "
+                         f"max {w.get('max_abs_logprob_diff', float('nan')):.3g}")
+            print(line, flush=True)
+        if any(r["step_routing"]):
+            print(f"moe-gate {r['family']} {r['dtype']} steps routing: " + "; ".join(
+                f"{x['flip_frac_token_layer']:.2%} of {x['n_token_layers']} token-layers"
+                + (f" (replayed off the engine's: {x['replay']['flip_frac_token_layer']:.2%})" if "replay" in x else "")
+                for x in r["step_routing"] if x), flush=True)
         if a.tables:
             print(r["table"], flush=True)
 

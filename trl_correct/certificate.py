@@ -43,6 +43,8 @@ CARD_END = "<!-- trl-correct: end -->"
 # Quantiles over steps of each per-step statistic in the run summary (q = 0: min, 1: max).
 STEP_QUANTILES = {"min": 0.0, "p50": 0.5, "p90": 0.9, "max": 1.0}
 STEP_STATS = ("mean_abs_logprob_diff", "p99_abs_logprob_diff", "max_abs_logprob_diff", "kl_k3")
+# mixture-of-experts runs: quantiles over steps of each batch's routing figures (records.ROUTING_METRIC_KEYS)
+ROUTING_STATS = ("flip_frac_token_layer", "flip_frac_token")
 # The recipe fields that decide what the gate compares and how (dtypes, sampler, head, engine semantics, thresholds,
 # probe, loss, batch shape): `trl-correct verify` rebuilds the trainer with exactly these values.
 CONFIG_FIELDS = ("bf16", "fp16", "seed", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
@@ -51,7 +53,8 @@ CONFIG_FIELDS = ("bf16", "fp16", "seed", "temperature", "top_k", "top_p", "min_p
                  "max_mean_abs_logprob_diff", "max_p99_abs_logprob_diff", "max_kl_k3", "max_max_abs_logprob_diff",
                  "max_clip_frac", "tis_mode", "tis_cap", "gate", "probe_size", "probe_tokens", "probe_interval",
                  "loss_type", "beta", "max_completion_length", "per_device_train_batch_size", "num_generations",
-                 "steps_per_generation", "vllm_max_model_length", "trust_remote_code", "model_init_kwargs")
+                 "steps_per_generation", "vllm_max_model_length", "trust_remote_code", "model_init_kwargs",
+                 "routing_replay")
 FINGERPRINT_ALGORITHM = ("per parameter group (parent module.*.leaf): sum of the tensors' bit patterns mod 2**32 and "
                          "element count (trl_correct/fingerprint.py, as the weight-sync verification)")
 
@@ -111,14 +114,24 @@ def build(trainer, fp: dict, dtypes: dict) -> dict:
 
 
 def run_summary(step_records: list, failures: list, resumes: list) -> dict:
-    """Per-step mismatch as quantiles over steps, the steps with the correction on / off, every failure and resume."""
+    """Per-step mismatch as quantiles over steps, the steps with the correction on / off, every failure and resume;
+    for a mixture-of-experts run, `routing`: each batch's routing flip shares as quantiles over steps (and with replay
+    on, the share of replayed token-layers computed with other experts than the engine's)."""
     steps = sorted({r["step"] for r in step_records})
     off = sorted({r["step"] for r in step_records if not r["tis_enabled"]})
     mismatch = {}
     for stat in STEP_STATS:
         values = sorted(float(r[stat]) for r in step_records if r.get(stat) is not None and math.isfinite(r[stat]))
         mismatch[stat] = {name: _quantile(values, q) for name, q in STEP_QUANTILES.items()}
-    return {
+    routed = [r["routing"] for r in step_records if r.get("routing")]
+    routing = {}
+    for stat in ROUTING_STATS if routed else ():
+        values = sorted(float(x[stat]) for x in routed if x.get(stat) is not None)
+        routing[stat] = {name: _quantile(values, q) for name, q in STEP_QUANTILES.items()}
+    replayed = sorted(float(x["replay"]["flip_frac_token_layer"]) for x in routed if x.get("replay"))
+    if replayed:
+        routing["replay_flip_frac_token_layer"] = {name: _quantile(replayed, q) for name, q in STEP_QUANTILES.items()}
+    return {**({"routing": routing} if routing else {}),
         "steps": len(steps), "batches": len(step_records), "steps_tis_on": len(steps) - len(off),
         "steps_tis_off": len(off), "uncorrected_steps": off,
         "steps_gate_failed": sorted({r["step"] for r in step_records if not r["gate_passed"]}),
@@ -323,6 +336,11 @@ def card_section(cert: dict) -> str:
          f"{figure(m['p99_abs_logprob_diff']['p50'])} / {figure(m['p99_abs_logprob_diff']['max'])}"),
         ("max \\|Δlogp\\| over the run", figure(m["max_abs_logprob_diff"]["max"])),
         ("k3 KL per step (median / max)", f"{figure(m['kl_k3']['p50'])} / {figure(m['kl_k3']['max'])}"),
+        *([("MoE routing flips per step, token-layers (median / max)",
+            f"{figure(run['routing']['flip_frac_token_layer']['p50'])} / "
+            f"{figure(run['routing']['flip_frac_token_layer']['max'])}"
+            + ("; routing replay on" if "replay_flip_frac_token_layer" in run["routing"] else ""))]
+          if run.get("routing") else []),
         ("thresholds", f"{thresholds} ({cert['calibration']['summary']})"),
         ("dtype (trainer / engine)", f"{t['compute_dtype']} / {e['compute_dtype']}; lm_head {t['head_dtype']} / "
                                      f"{e['head_dtype']}"),

@@ -8,22 +8,33 @@ calls:
 
 Which checks run when is data, `SCHEDULE`. Deciding is core/checks.py's, thresholds are core/calibrate.py's,
 measuring is core/numerics.py's; the policy (enforce / warn / observe, TIS on or off) is the trainer's.
+
+Mixture-of-experts models (the trainer's `policy.routing` taps exist): the probe also compares the experts the engine
+routed each probe token to while it generated (`Engine.last_routing`) with the trainer's router top-k on the same
+tokens, against the trainer's own floor (its probe batch scored whole vs one sequence at a time, and at its compute
+dtype vs fp32); with `routing_replay` on, every scoring the gate runs replays the engine's experts (as training
+does), and the figures without replay are measured beside them. Every training batch gets the same figures
+(`MismatchStats.routing`, logged as correct/routing/*), and its rollouts' routing (`Engine.take_routing()`) is what
+TRL's loss forwards of that batch replay. A dense model: none of this runs.
 """
 
 import logging
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .core.calibrate import CAPS, Calibration, calibrate
 from .core.checks import (BLOCKING, LINEAR_LOSS_TYPES, Check, GateReport, clip_check, loss_audit_check, mismatch_check,
-                          missed_sync_check, non_finite_check, reset_check, self_consistency_check, stale_cache_check,
-                          static_checks, support_check, temperature_check, token_identity_check, weight_sync_check)
-from .core.numerics import measure, summarize_gaps, valid_gaps
-from .core.records import MEAN, Floors, MismatchStats
+                          missed_sync_check, non_finite_check, reset_check, routing_check, routing_threshold,
+                          routing_unavailable_check,
+                          self_consistency_check, stale_cache_check, static_checks, support_check, temperature_check,
+                          token_identity_check, weight_sync_check)
+from .core.numerics import measure, routing_flips, summarize_gaps, valid_gaps
+from .core.records import MAX, MEAN, P99, Floors, MismatchStats
 from .adapters.audit import AUDIT_SCALES
+from .adapters.routing import align
 from .adapters.trl_api import pad
 
 logger = logging.getLogger("trl_correct")
@@ -54,6 +65,8 @@ SCHEDULE = {
     "batch_identity": ("batch",),  # the scored token ids are the engine's
     "batch_support": ("batch",),  # sampled tokens inside the trainer's kept set; every logprob finite
     "batch_mismatch": ("batch",),  # mismatch and clip share of the real batch (decide only while TIS is on)
+    "routing": ("start", "interval"),  # MoE: the probe's routing flips against the trainer's own floor; replay
+    "batch_routing": ("batch",),  # MoE: the batch's routing figures (metrics); with replay on, replay must be aligned
 }
 
 
@@ -74,6 +87,9 @@ class ProbeResult:
     stats: MismatchStats
     gaps: torch.Tensor = field(repr=False)  # |Δlogp| of each counted token (the doctor's plot)
     temperature: float = 1.0
+    # MoE: {"store": {prompt + completion ids: engine rows}, "engine": [...], "own": [...], "used": [...]} per
+    # sequence, rows [len, L, k] in the trainer's layer order (stats.routing holds the figures); None: dense
+    routing: dict | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -121,6 +137,11 @@ class Gate:
         self.last_sync_check: Check | None = None
         self.synced_step = -1  # optimizer step at which the engine last received the weights
         self.fresh_shift = 0  # first-token shift of the last uncached probe (prefix-cache differential)
+        self.routing_floor: dict | None = None  # MoE: the trainer's routing against itself (the larger floor)
+        self.batch_routing: dict = {}  # MoE: the last batch's rollout routing, replayed by TRL's loss forwards
+        if policy.routing is not None:  # replay sources: this round's rollouts, then the batch being trained on
+            policy.routing.sources += [lambda: (self.engine.rollout_routing, self.engine.routing_layers),
+                                       lambda: (self.batch_routing, self.engine.routing_layers)]
 
     # -- the four calls --------------------------------------------------------------------------------------------
     def before_training(self, step: int = 0) -> GateRun:
@@ -160,6 +181,11 @@ class Gate:
         m = measure(out["old_per_token_logps"], out["sampling_per_token_logps"], mask, self.policy.correction,
                     gather=self.policy.gather_flat)
         stats = MismatchStats.of(m.stats)
+        if self.policy.routing is not None and due("batch_routing", "batch"):
+            routing = self.routing_of_batch()
+            stats = replace(stats, routing=routing)
+            if routing is not None and "replay" in routing:
+                failed.append(routing_check(routing, self.routing_floor, self.calibration.dtype, label))
         if due("batch_support", "batch"):
             failed += [support_check(stats.n_outside_support, label), non_finite_check(stats.n_nonfinite, label)]
         check = mismatch_check(stats, self.thresholds, label=label)
@@ -203,27 +229,117 @@ class Gate:
         t = self.policy.temperature if temperature is None else temperature
         completion_ids, engine_lps = self.engine.sample(prompt_ids, max_tokens=self.args.probe_tokens,
                                                         seed=PROBE_SEED + self.args.seed, temperature=t)
-        with self.policy.at_temperature(t):
+        routing = self._engine_routing(prompt_ids, completion_ids)
+        with self.routing_recorded(routing) as records, self.policy.at_temperature(t):
             trainer_lps, mask = self.policy.score(prompt_ids, completion_ids)
         engine_lps = pad([torch.tensor(x, dtype=torch.float32) for x in engine_lps], padding_value=float("nan"),
                          padding_side="right").to(trainer_lps.device)
         m = measure(trainer_lps, engine_lps, mask, self.policy.correction)
-        return ProbeResult(prompt_ids, completion_ids, trainer_lps, engine_lps, m.keep, MismatchStats.of(m.stats),
-                           m.gaps, t)
+        stats = MismatchStats.of(m.stats)
+        if routing is not None:
+            routing["own"], routing["used"] = self._trainer_routing(records, prompt_ids, completion_ids)
+            stats = replace(stats, routing=self._figures(routing))
+        return ProbeResult(prompt_ids, completion_ids, trainer_lps, engine_lps, m.keep, stats, m.gaps, t, routing)
+
+    # -- routing (MoE) ---------------------------------------------------------------------------------------------
+    def _engine_routing(self, prompt_ids, completion_ids) -> dict | None:
+        """The engine's routing of the sequences its last sample() generated, as {"store", "engine"} (see
+        ProbeResult.routing); None for a dense model or where the engine reports none."""
+        taps = self.policy.routing
+        if taps is None or not self.engine.routing_layers:
+            return None
+        rows = self.engine.last_routing
+        if not rows or all(r is None for r in rows):
+            return None
+        layers = self.engine.routing_layers
+        store = {tuple(p) + tuple(c): r for p, c, r in zip(prompt_ids, completion_ids, rows) if r is not None}
+        return {"store": store, "layers": layers,
+                "engine": [align(r, layers, taps.layers) if r is not None else None for r in rows]}
+
+    @contextmanager
+    def routing_recorded(self, routing: dict | None):
+        """The trainer's routing recorded inside the block (yields the records; [] for a dense model), replaying
+        the engine's experts of `routing` when replay is on."""
+        taps = self.policy.routing
+        if taps is None:
+            yield []
+            return
+        with ExitStack() as stack:
+            records = stack.enter_context(taps.recording())
+            if routing is not None and taps.replay:
+                stack.enter_context(taps.replaying(routing["store"], routing["layers"]))
+            yield records
+
+    def _trainer_routing(self, records, prompt_ids, completion_ids) -> tuple[list, list]:
+        found = self.policy.routing.routing_of(records, [list(p) + list(c) for p, c in zip(prompt_ids,
+                                                                                            completion_ids)])
+        return [own for own, _ in found], [used for _, used in found]
+
+    def _figures(self, routing: dict) -> dict:
+        """Engine vs trainer routing figures of one probe (numerics.routing_flips; with replay on, `replay`: the
+        engine's experts vs those the trainer really computed with)."""
+        figures = dict(routing_flips(routing["engine"], routing["own"]), source=self.engine.routing_source)
+        if self.policy.routing.replay:
+            figures["replay"] = routing_flips(routing["engine"], routing["used"])
+        return figures
+
+    def routing_of_batch(self) -> dict | None:
+        """The routing figures of the training batch just scored: the engine's rollout routing (taken now; TRL's
+        loss forwards of this batch replay it when replay is on) against the trainer's router top-k recorded while
+        TRL scored the batch, counted over every rank. None when the engine reported no routing."""
+        taps = self.policy.routing
+        self.batch_routing = self.engine.take_routing()
+        records = taps.take_recent()
+        if not self.batch_routing or not self.engine.routing_layers:
+            return None
+        layers = self.engine.routing_layers
+        seqs = list(self.batch_routing)
+        engine = [align(self.batch_routing[s], layers, taps.layers) for s in seqs]
+        found = taps.routing_of(records, seqs)
+        pairs = [("own", [own for own, _ in found])] + ([("replay", [used for _, used in found])] if taps.replay
+                                                        else [])
+        out = {}
+        for name, trainer in pairs:
+            f = routing_flips(engine, trainer)
+            counts = torch.tensor([f["flip_frac_token_layer"] * f["n_token_layers"], f["n_token_layers"],
+                                   f["flip_frac_token"] * f["n_tokens"], f["n_tokens"]], dtype=torch.float64)
+            c = self.policy.gather_flat(counts).view(-1, 4).sum(0).tolist()
+            f = {"flip_frac_token_layer": c[0] / c[1] if c[1] else 0.0, "flip_frac_token": c[2] / c[3] if c[3] else 0.0,
+                 "n_token_layers": int(c[1]), "n_tokens": int(c[3])}
+            if name == "own":
+                out.update(f, source=self.engine.routing_source)
+            else:
+                out["replay"] = f
+        return out
 
     def measure_floors(self, probe: ProbeResult) -> Floors:
         """The noise floors of calibrate.py, on the probe's tokens and the trainer alone: its batch scored whole vs
         one sequence at a time, and (bf16/fp16 with fp32 weights) under autocast vs in fp32. A floor that cannot be
         measured here is a string saying why. Taken over all ranks (the maximum), so every rank decides alike."""
-        floors = {"trainer_vs_itself": self.policy.self_consistency(probe)}
+        routing = {}
+        with self.routing_recorded(probe.routing) as records:
+            floors = {"trainer_vs_itself": self.policy.self_consistency(probe)}
+        routing["trainer_vs_itself"] = records
         why_not = self.policy.fp32_reference_unavailable()
         if why_not:
             floors["dtype_rounding"] = why_not
         else:
-            with self.policy.fp32_reference():
+            with self.routing_recorded(probe.routing) as records, self.policy.fp32_reference():
                 reference, _ = self.policy.score(probe.prompt_ids, probe.completion_ids)
+            routing["dtype_rounding"] = records
             floors["dtype_rounding"] = summarize_gaps(*valid_gaps(probe.trainer_logprobs, reference, probe.mask))
+        if probe.routing is not None:
+            self.routing_floor = self._routing_floor(probe, routing)
         return Floors.max_over(self.policy.from_every_rank(floors))
+
+    def _routing_floor(self, probe: ProbeResult, records: dict) -> dict:
+        """The trainer's router top-k of the probe batch against itself scored one sequence at a time, and at its
+        compute dtype vs fp32 (where measured): the larger, by flipped token-layer share, with both named."""
+        own = probe.routing["own"]
+        floors = {name: routing_flips(own, self._trainer_routing(recs, probe.prompt_ids, probe.completion_ids)[0])
+                  for name, recs in records.items()}
+        name = max(floors, key=lambda k: floors[k]["flip_frac_token_layer"])
+        return dict(floors[name], source=name, floors=floors)
 
     def engine_floor(self, probe: ProbeResult) -> dict:
         """The engine against itself across batch compositions: each probe prompt sampled alone with the probe's
@@ -281,12 +397,48 @@ class Gate:
                 checks += audits[:2] + ([consistency] if consistency else []) + audits[2:]
             elif consistency:
                 checks.append(consistency)
+            if due("routing", when, caching) and self.policy.routing is not None:
+                if probe.routing is not None:
+                    with self.phase("routing"):
+                        checks.append(self._routing_check(probe))
+                else:
+                    checks.append(routing_unavailable_check(self.engine.routing_unavailable or "no routing reported",
+                                                            self.policy.routing.replay))
             if due("extra", when, caching):
                 checks += self.policy.extra_checks(probe)
         mismatch = dict(probe.stats.to_dict(), thresholds=self.thresholds) if probe else {}
+        if probe is not None and probe.routing is not None:
+            mismatch["routing"] = probe.routing.get("figures", mismatch.get("routing"))
+            checks = [self._routing_hint(c, mismatch["routing"]) for c in checks]
         report = GateReport(tuple(checks), mismatch, self.calibration.to_dict() if floors else None)
         reports = self.policy.from_every_rank(report)  # one verdict for all ranks: the first failing rank's report
         return GateRun(next((r for r in reports if not r.passed), report), probe, floors)
+
+    def _routing_check(self, probe: ProbeResult) -> Check:
+        """The probe's routing against the floor; with replay on, the probe scored again without replay gives the
+        figures and the mismatch replay removes. The figures, floor and threshold join the report (mismatch.routing)."""
+        figures = dict(probe.stats.routing)
+        if self.policy.routing.replay:
+            with self.policy.without_replay(), self.policy.at_temperature(probe.temperature):
+                lps, _ = self.policy.score(probe.prompt_ids, probe.completion_ids)
+            without = measure(lps, probe.engine_logprobs, probe.mask, self.policy.correction).stats
+            figures["mismatch_without_replay"] = {k: without[k] for k in (MEAN, P99, MAX)}
+            figures["mismatch_with_replay"] = {k: probe.stats[k] for k in (MEAN, P99, MAX)}
+        limit, rule = routing_threshold(self.routing_floor, self.calibration.dtype)
+        figures.update(floor=self.routing_floor, threshold=limit, threshold_rule=rule)
+        probe.routing["figures"] = figures
+        return routing_check(figures, self.routing_floor, self.calibration.dtype)
+
+    def _routing_hint(self, check: Check, figures: dict) -> Check:
+        """A failed mismatch check of an MoE probe whose routers disagreed somewhere, replay off: its fix names
+        routing replay (a token sent to other experts on each side runs another computation)."""
+        if check.name != "mismatch" or check.passed or self.policy.routing.replay or not figures.get(
+                "flip_frac_token_layer"):
+            return check
+        return replace(check, fix=f"the engine and the trainer routed {figures['flip_frac_token_layer']:.2%} of the "
+                                  f"probe's token-layers ({figures['flip_frac_token']:.2%} of its tokens) to other "
+                                  "experts: set routing_replay: true so the trainer computes with the engine's experts; "
+                                  "otherwise " + check.fix)
 
     def _probe_checks(self, probe: ProbeResult) -> list[Check]:
         """The probe's mismatch, non-finite and clip checks; with prefix caching on, the probe is re-measured on

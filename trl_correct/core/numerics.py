@@ -200,3 +200,30 @@ def measure(trainer_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask:
 def within(value: float, threshold: float) -> bool:
     """value <= threshold, false for NaN (a NaN statistic never passes)."""
     return not math.isnan(value) and value <= threshold
+
+
+# -- mixture-of-experts routing ---------------------------------------------------------------------------------------
+ROUTING_KEYS = ("flip_frac_token_layer", "flip_frac_token", "n_token_layers", "n_tokens")
+
+
+def routing_flips(a: list, b: list) -> dict:
+    """How often two sides' routers chose different experts for the same tokens. `a`, `b`: per sequence, rows
+    [n, L, k] of expert ids (the same layers in the same order; -1 where a side has no id: not routed, not covered).
+    A token-layer counts where both sides have all k ids; it flips when the two sets of k experts differ (the order
+    within the top-k does not matter). A token counts where at least one of its layers counts, and flips when any
+    of them does. Returns ROUTING_KEYS: the two flip shares and what they are shares of."""
+    n_tl = flips_tl = n_tok = flips_tok = 0
+    for x, y in zip(a, b):
+        if x is None or y is None:
+            continue
+        n = min(x.shape[0], y.shape[0])
+        x, y = x[:n].long(), y[:n].long()
+        both = (x >= 0).all(-1) & (y >= 0).all(-1)  # [n, L]
+        differ = (x.sort(-1).values != y.sort(-1).values).any(-1) & both
+        n_tl += int(both.sum())
+        flips_tl += int(differ.sum())
+        counted = both.any(-1)
+        n_tok += int(counted.sum())
+        flips_tok += int(differ.any(-1).sum())
+    return {"flip_frac_token_layer": flips_tl / n_tl if n_tl else 0.0,
+            "flip_frac_token": flips_tok / n_tok if n_tok else 0.0, "n_token_layers": n_tl, "n_tokens": n_tok}

@@ -15,6 +15,8 @@ RATIO_KEYS = ("ratio_min", "ratio_p1", "ratio_p99", "ratio_max", "tokens_outside
               "seqs_outside_0.5_2", "seqs_outside_0.8_1.25", "masked_frac")
 # logged per training batch as correct/<name> (ratios as correct/ratio/<name without ratio_>)
 METRIC_KEYS = (MEAN, P99, MAX, K3, "clip_frac", "ess", *RATIO_KEYS)
+# mixture-of-experts models: the routing figures of a batch, logged as correct/routing/<name> (numerics.routing_flips)
+ROUTING_METRIC_KEYS = ("flip_frac_token_layer", "flip_frac_token")
 
 
 class Record:
@@ -56,6 +58,7 @@ class MismatchStats(Record):
     clip_frac: float = 0.0
     ess: float = 1.0
     ratios: dict = field(default_factory=dict)  # RATIO_KEYS -> value
+    routing: dict | None = None  # MoE: the routing figures of the same tokens (engine vs trainer experts); dense: None
 
     @classmethod
     def of(cls, flat: dict) -> "MismatchStats":
@@ -65,7 +68,8 @@ class MismatchStats(Record):
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        return {**{k: v for k, v in d.items() if k != "ratios"}, **d["ratios"]}
+        out = {**{k: v for k, v in d.items() if k not in ("ratios", "routing")}, **d["ratios"]}
+        return {**out, "routing": d["routing"]} if d["routing"] is not None else out
 
 
 @dataclass(frozen=True)
@@ -115,32 +119,36 @@ class StepRecord(Record):
     n_nonfinite: int = 0
     reward: float | None = None
     completion_length: float | None = None
+    routing: dict | None = None  # MoE: the batch's routing figures (numerics.routing_flips, replay); dense: None
 
     @classmethod
     def of(cls, step: int, stats: MismatchStats, tis_enabled: bool, gate_passed: bool, reward: float | None = None,
            completion_length: float | None = None) -> "StepRecord":
         flat = stats.to_dict()
         return cls(step, tis_enabled, gate_passed, {k: flat[k] for k in METRIC_KEYS}, stats.n_tokens,
-                   stats.n_nonfinite, reward, completion_length)
+                   stats.n_nonfinite, reward, completion_length, stats.routing)
 
     def metrics_to_log(self) -> list[tuple[str, float]]:
         """(name, value) of what is logged every batch: correct/gate_passed, correct/tis_enabled, correct/<statistic>
-        and correct/ratio/<ratio without ratio_>."""
+        and correct/ratio/<ratio without ratio_>; MoE: correct/routing/<ROUTING_METRIC_KEYS>."""
         d = self.to_dict()
-        return [(f"correct/ratio/{k.removeprefix('ratio_')}" if k in RATIO_KEYS else f"correct/{k}", float(d[k]))
-                for k in ("gate_passed", "tis_enabled", *METRIC_KEYS)]
+        out = [(f"correct/ratio/{k.removeprefix('ratio_')}" if k in RATIO_KEYS else f"correct/{k}", float(d[k]))
+               for k in ("gate_passed", "tis_enabled", *METRIC_KEYS)]
+        return out + [(f"correct/routing/{k}", float(self.routing[k])) for k in ROUTING_METRIC_KEYS
+                      if self.routing and k in self.routing]
 
     def to_dict(self) -> dict:
         d = {"step": self.step, "tis_enabled": self.tis_enabled, "gate_passed": self.gate_passed, **self.metrics,
              "n_tokens": self.n_tokens, "n_nonfinite": self.n_nonfinite}
-        d.update({k: v for k, v in (("reward", self.reward), ("completion_length", self.completion_length))
-                  if v is not None})
+        d.update({k: v for k, v in (("reward", self.reward), ("completion_length", self.completion_length),
+                                    ("routing", self.routing)) if v is not None})
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "StepRecord":
         return cls(d["step"], d["tis_enabled"], d["gate_passed"], {k: d[k] for k in METRIC_KEYS if k in d},
-                   d.get("n_tokens", 0), d.get("n_nonfinite", 0), d.get("reward"), d.get("completion_length"))
+                   d.get("n_tokens", 0), d.get("n_nonfinite", 0), d.get("reward"), d.get("completion_length"),
+                   d.get("routing"))
 
 
 @dataclass

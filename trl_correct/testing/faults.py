@@ -7,6 +7,7 @@ perturbs the trainer's weights before re-running the gate). Nothing here imports
 adapters/engine.py's), nor reaches into TRL's private methods except through `trl_api.patch_method`.
 """
 
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -45,6 +46,8 @@ class Fault:
             return "no tensor-parallel engine group (vllm_tensor_parallel_size 1): every rank holds whole weights"
         if self.name == "sampler_filter_dropped" and not trainer.sampler.transforms:
             return "the sampler applies no filter (top_k/top_p/min_p) for the engine to drop"
+        if self.name in MOE_FAULTS and trainer.gate.policy.routing is None:
+            return "the model has no mixture-of-experts layers (no router, no experts)"
         return None
 
 
@@ -119,6 +122,84 @@ def _never_load(t, victim: str) -> None:
 
 def _partial(t):
     _never_load(t, _standalone_weights(t)[-1])
+
+
+# MoE: the victim of expert_not_synced / router_stale_on_engine (the last MoE layer; expert 3, or the last expert)
+MOE_VICTIM_EXPERT = 3
+_EXPERT = re.compile(r"layers\.(\d+)\..*experts\.(\d+)\.")
+_ROUTER = re.compile(r"layers\.(\d+)\.(mlp|block_sparse_moe)\.gate\.weight$")
+
+
+def _stream_old(t, pick) -> None:
+    """From now on every load streams, for each tensor `pick(name, tensor)` selects, the value it has now (what the
+    engine holds after the last sync) instead of the trainer's: that part of the engine never updates. `pick`
+    returns None (not this tensor), True (the whole tensor) or an index into its first dimension (one slice of a
+    tensor holding every expert)."""
+    frozen = {}
+    for name, x in t.engine_weights():
+        which = pick(name, x)
+        if which is not None:
+            frozen[name] = (which, (x if which is True else x[which]).detach().clone())
+    if not frozen:
+        raise ValueError("no tensor of the streamed weights matches the fault's victim")
+    real = t.engine.load_weights
+
+    def stale(pairs):
+        for name, x in pairs:
+            if name in frozen:
+                which, old = frozen[name]
+                if which is True:
+                    x = old
+                else:
+                    x = x.clone()
+                    x[which] = old
+            yield name, x
+
+    t.engine.load_weights = lambda pairs: real(stale(pairs))
+
+
+def _moe_layer(t) -> int:
+    return t.gate.policy.routing.layers[-1]
+
+
+def _expert_not_synced(t):
+    # one expert of one layer never loaded again: per-expert checkpoint tensors (experts.{e}.*) or the slice of a fused
+    # tensor holding every expert of the layer ([E, ...], transformers 5's gate_up_proj / down_proj)
+    layer = _moe_layer(t)
+    experts = int(getattr(t.gate.policy.routing.routers[-1][1], "num_experts", MOE_VICTIM_EXPERT + 1))
+    victim = min(MOE_VICTIM_EXPERT, experts - 1)
+
+    def pick(name, x):
+        hit = _EXPERT.search(name)
+        if hit:
+            return True if (int(hit.group(1)), int(hit.group(2))) == (layer, victim) else None
+        fused = f"layers.{layer}." in name and ".experts." in name and x.dim() == 3 and x.shape[0] == experts
+        return victim if fused else None
+
+    _stream_old(t, pick)
+
+
+def _router_stale_on_engine(t):
+    # the router (gate) weight of one MoE layer never reaches the engine again: it routes with the old router
+    layer = _moe_layer(t)
+    _stream_old(t, lambda name, x: True if (hit := _ROUTER.search(name)) and int(hit.group(1)) == layer else None)
+
+
+def _replay_wrong_tokens(t):
+    # routing replay pointed one position off: each token gets the experts the engine chose for the token before it
+    import torch
+
+    taps = t.gate.policy.routing
+    real = taps.replay_rows
+
+    def shifted(ids, mask):
+        rows = real(ids, mask)
+        out = torch.full_like(rows, -1)
+        out[:, 1:] = rows[:, :-1]
+        return out
+
+    taps.replay_rows = shifted
+    return lambda: taps.__dict__.pop("replay_rows", None)
 
 
 def _lying_reset(t):
@@ -246,7 +327,18 @@ FAULTS = {f.name: f for f in (
     Fault("engine_logprob_bias", "mismatch", f"every engine logprob {LOGPROB_BIAS} nats low", live=_logprob_bias),
     Fault("sampler_filter_dropped", "sampler", "the engine samples from the full vocabulary; the trainer filters",
           settings=_filter_dropped, run_when_na=False),
+    # MoE (mixture-of-experts models only)
+    Fault("expert_not_synced", "weight_sync", "MoE: one expert of one layer never loaded into the engine after the "
+          "first sync (named by layer and expert)", live=_expert_not_synced, run_when_na=False),
+    # weight_sync, not routing: the stale router is a weight the sync did not deliver, named by its group; the routing
+    # flips it causes are its symptom (and stay within the floor when the router moved little)
+    Fault("router_stale_on_engine", "weight_sync", "MoE: the engine keeps the old router weights of one layer",
+          live=_router_stale_on_engine, run_when_na=False),
+    Fault("replay_wrong_tokens", "routing", "MoE, routing replay on: each token replays the experts the engine chose "
+          "for the token before it", live=_replay_wrong_tokens, trainer_flags=("--routing_replay", "true"),
+          run_when_na=False),
 )}
+MOE_FAULTS = ("expert_not_synced", "router_stale_on_engine", "replay_wrong_tokens")
 
 
 def calibration_faults() -> list[str]:
