@@ -251,24 +251,30 @@ def _routing_capture_bound(bind: bool):
 
 
 class _RoutingTap:
-    """Wraps the model runner's `execute_model`: after each forward, the rows of every MoE layer's buffer are split
-    by request in the runner's batch order and kept with their positions, per request, until taken."""
+    """Wraps the model runner's `execute_model`: after each forward, the step's rows of every MoE layer's buffer are
+    kept with the runner's batch order (request ids, tokens scheduled per request, consecutive) and positions; `take()`
+    sorts them out per request. The first `VALIDATE_STEPS` steps also check that the forward wrote every row (a
+    compiled graph without the capture would not): otherwise nothing is reported."""
+
+    VALIDATE_STEPS = 2
 
     def __init__(self, runner, layers: list):
         self.runner = runner
         self.layers = [layer for layer, _ in layers]
         self.buffers = [buffer for _, buffer in layers]
-        self.log: dict = {}  # request id -> [CachedRequestState, [(positions, rows [n, L, k] int16), ...]]
+        self.steps_log: list = []  # (request ids, tokens per request, positions [n], rows [n, L, k] int16) per step
+        self.states: dict = {}  # request id -> the runner's CachedRequestState (it drops it once finished)
         self.seconds = 0.0  # our own bookkeeping (the capture's copies run inside the forward)
         self.steps = 0
+        self.captured: bool | None = None  # None until validated
         self.real = runner.execute_model
 
     def execute_model(self, scheduler_output, *args, **kwargs):
         n = scheduler_output.total_num_scheduled_tokens
-        start = time.perf_counter()
-        for b in self.buffers:  # a row left at -1 after the forward was not captured
-            b[:n].fill_(NO_EXPERT)
-        self.seconds += time.perf_counter() - start
+        validate = n and self.steps < self.VALIDATE_STEPS
+        if validate:
+            for b in self.buffers:  # a row left at -1 after the forward was not captured
+                b[:n].fill_(NO_EXPERT)
         out = self.real(scheduler_output, *args, **kwargs)
         if not n:
             return out
@@ -277,14 +283,14 @@ class _RoutingTap:
         batch = runner.input_batch
         req_ids = list(batch.req_ids[:batch.num_reqs])
         counts = [scheduler_output.num_scheduled_tokens[r] for r in req_ids]
+        for rid in req_ids:
+            if rid not in self.states:
+                self.states[rid] = runner.requests.get(rid)
         positions = runner.positions[:n].to("cpu", torch.long, copy=True)  # the runner's buffer is reused each step
         rows = torch.stack([b[:n] for b in self.buffers], 1).to("cpu", torch.int16)  # [n, L, k], a new tensor
-        offset = 0
-        for rid, count in zip(req_ids, counts):
-            entry = self.log.setdefault(rid, [None, []])
-            entry[0] = runner.requests.get(rid, entry[0])  # the runner drops it once finished: we keep it
-            entry[1].append((positions[offset:offset + count], rows[offset:offset + count]))
-            offset += count
+        if validate:
+            self.captured = bool((rows >= 0).all()) and self.captured is not False
+        self.steps_log.append((req_ids, counts, positions, rows))
         self.steps += 1
         self.seconds += time.perf_counter() - start
         return out
@@ -293,18 +299,29 @@ class _RoutingTap:
         """(prompt ids, output ids, rows [prompt + output, L, k] int16, -1 where not computed) of every request seen
         since the last take; then forgotten."""
         start = time.perf_counter()
+        log, states, self.steps_log, self.states = self.steps_log, self.states, [], {}
+        if not log or self.captured is False:
+            return []
+        index: dict = {}
+        req, pos, rows = [], [], []
+        for req_ids, counts, positions, r in log:
+            ids = torch.tensor([index.setdefault(x, len(index)) for x in req_ids])
+            req.append(torch.repeat_interleave(ids, torch.tensor(counts)))
+            pos.append(positions)
+            rows.append(r)
+        req = torch.cat(req)
+        order = torch.argsort(req, stable=True)
+        sizes = torch.bincount(req, minlength=len(index)).tolist()
         out = []
-        for state, chunks in self.log.values():
+        for rid, p, r in zip(index, torch.cat(pos)[order].split(sizes), torch.cat(rows)[order].split(sizes)):
+            state = states.get(rid)
             if state is None or state.prompt_token_ids is None:
                 continue
             prompt, output = list(state.prompt_token_ids), list(state.output_token_ids)
-            rows = torch.full((len(prompt) + len(output), len(self.layers), chunks[0][1].shape[-1]), NO_EXPERT,
-                              dtype=torch.int16)
-            for pos, r in chunks:
-                keep = pos < rows.shape[0]
-                rows[pos[keep]] = r[keep]
-            out.append((prompt, output, rows))
-        self.log.clear()
+            full = torch.full((len(prompt) + len(output), *r.shape[1:]), NO_EXPERT, dtype=torch.int16)
+            keep = p < full.shape[0]
+            full[p[keep]] = r[keep]  # by position: a later write (a recomputed position) wins
+            out.append((prompt, output, full))
         self.seconds += time.perf_counter() - start
         return out
 
