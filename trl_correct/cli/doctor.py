@@ -116,8 +116,11 @@ def default_per_process(recipe_argv: list[str]) -> int:
         elif x.startswith("--model_name_or_path="):
             model = x.split("=", 1)[1]
     if model is None:
-        with open(recipe_argv[recipe_argv.index("--config") + 1]) as f:
-            model = (yaml.safe_load(f) or {}).get("model_name_or_path")
+        try:
+            with open(recipe_argv[recipe_argv.index("--config") + 1]) as f:
+                model = (yaml.safe_load(f) or {}).get("model_name_or_path")
+        except (OSError, yaml.YAMLError, AttributeError):  # the recipe's own check names what is wrong with it
+            return 0
     path = resolve_model(model)
     if not os.path.isdir(path):
         return 1
