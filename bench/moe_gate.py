@@ -27,7 +27,7 @@ from _common import run_child  # noqa: E402
 STEPS = 3
 
 
-def child(family: str, dtype: str, out: str, replay: bool = False, steps: int = STEPS) -> None:
+def child(family: str, dtype: str, out: str, replay: bool = False, steps: int = STEPS, probe=(4, 8)) -> None:
     # as the tests run: no launcher variables (the engine sets its own while it builds, adapters/engine.launcher_env)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -47,7 +47,7 @@ def child(family: str, dtype: str, out: str, replay: bool = False, steps: int = 
         args = CorrectGRPOConfig(output_dir=tmp, bf16=dtype == "bfloat16", max_steps=steps, learning_rate=1e-3,
                                  per_device_train_batch_size=8, num_generations=4, max_completion_length=12,
                                  temperature=0.9, beta=0.0, logging_steps=1, save_strategy="no", report_to="none",
-                                 seed=0, probe_size=4, probe_tokens=8, disable_tqdm=True, gate="observe",
+                                 seed=0, probe_size=probe[0], probe_tokens=probe[1], disable_tqdm=True, gate="observe",
                                  use_cpu=dtype == "bfloat16" and not torch.cuda.is_available(),
                                  routing_replay=replay)
         cls = CheckpointNames if family == "mixtral" else CorrectGRPOTrainer
@@ -78,16 +78,18 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--replay", action="store_true", help="routing_replay: true")
     ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--probe", type=int, nargs=2, default=(4, 8), metavar=("PROMPTS", "TOKENS"),
+                    help="probe_size and probe_tokens (the config's defaults: 8 32)")
     ap.add_argument("--tables", action="store_true", help="print each family's gate table too")
     ap.add_argument("--child", nargs=2, metavar=("FAMILY", "OUT"))
     a = ap.parse_args()
     if a.child:
-        return child(a.child[0], a.dtype, a.child[1], a.replay, a.steps)
+        return child(a.child[0], a.dtype, a.child[1], a.replay, a.steps, tuple(a.probe))
     for family in a.families:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "r.json")
             r = run_child([__file__, "--dtype", a.dtype, *(["--replay"] if a.replay else []), "--steps",
-                           str(a.steps), "--child", family, out], out, family)
+                           str(a.steps), "--probe", *map(str, a.probe), "--child", family, out], out, family)
         steps = " ".join(f"{m:.3g}/{x:.3g}" + (f"/{f:.1%}" if f is not None else "") for m, x, f in r["steps"])
         th = r["thresholds"] or {}
         print(f"moe-gate {r['family']} {r['dtype']} replay={'on' if r['replay'] else 'off'} gate={r['gate']} "

@@ -293,3 +293,23 @@ def test_moe_fault_is_named_by_its_cause(make_trainer, fault, replay):
         assert "model.layers.1.mlp.*.weight" in report.check("weight_sync").detail
     if fault == "replay_wrong_tokens":
         assert "replay on" in report.check("routing").detail
+
+
+def test_replay_trains_at_the_fp32_floor(make_trainer):
+    """routing_replay on, fp32, 3 GRPO steps: TRL's scoring and its loss forwards both replay the engine's experts
+    (counted on the taps), every batch's replayed experts are the engine's, and the logprobs stay at the fp32 floor
+    (in fp32 the routers agree, so replay must change nothing)."""
+    from conftest import train_and_measure
+
+    trainer = make_trainer(model=str(tiny_family_dir(MOE_FAULT_FAMILY)), routing_replay=True, max_steps=3)
+    taps = trainer.gate.policy.routing
+    moved, gaps = train_and_measure(trainer)
+    report = trainer.gate_report
+    routing = [r.routing for r in trainer.step_records]
+    print(f"\nrouting replay train: gate {report.passed} counts={taps.counts} step_max={gaps} "
+          f"steps={[(x['flip_frac_token_layer'], x['replay']['flip_frac_token_layer']) for x in routing]}")
+    assert report.passed and report.check("routing").passed, report.table()
+    assert "replay" in report.mismatch["routing"] and report.mismatch["routing"]["replay"]["n_token_layers"] > 0
+    assert taps.counts["replayed_no_grad"] >= 3 and taps.counts["replayed_grad"] >= 3, taps.counts
+    assert all(x["replay"]["flip_frac_token_layer"] == 0 and x["replay"]["n_token_layers"] > 0 for x in routing)
+    assert len(gaps) == 3 and max(gaps) < 1e-4 and moved > 100 * max(gaps), (gaps, moved)

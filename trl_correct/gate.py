@@ -20,7 +20,7 @@ TRL's loss forwards of that batch replay. A dense model: none of this runs.
 
 import logging
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -468,7 +468,11 @@ class Gate:
                 t, at_one, at_t = ALT_TEMPERATURE, probe.stats, self.probe(probe.prompt_ids, ALT_TEMPERATURE).stats
             else:
                 t, at_one, at_t = temp, self.probe(probe.prompt_ids, 1.0).stats, probe.stats
-        with self.phase("loss audit"):
+        # in fp32 where the trainer can (fp32 weights under autocast): whether the weights reach the loss does not
+        # depend on the dtype, and bf16 rounding of the backward bends the gradient's linearity past AUDIT_RTOL on
+        # MoE models (tiny Qwen3-MoE bf16, aux loss on: 0.5-2.6% off; the same audit in fp32: 3e-5)
+        fp32 = nullcontext() if self.policy.fp32_reference_unavailable() else self.policy.fp32_reference()
+        with self.phase("loss audit"), fp32:
             losses, grads = self.policy.loss_audit(probe)
         with self.phase("dry batch through TRL's generation"):
             rows, sampled = self.policy.dry_batch()  # whole completions, as generated: no EOS masking yet

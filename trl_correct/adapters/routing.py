@@ -88,6 +88,8 @@ class RouterTaps:
         self.recent: list = []  # records of the last no-grad forwards outside `recording()`
         self._sinks: list = []  # open recording() lists
         self._current: _Forward | None = None
+        # decoder forwards seen, and those that replayed some token: without gradient (scoring) and with (the loss)
+        self.counts = {"forwards": 0, "replayed_no_grad": 0, "replayed_grad": 0}
         self._hooks = [decoder.register_forward_pre_hook(self._pre, with_kwargs=True),
                        decoder.register_forward_hook(self._post)]
         self._hooks += [m.register_forward_hook(self._router_hook(i, rule)) for i, (_, m, rule) in enumerate(routers)]
@@ -125,8 +127,11 @@ class RouterTaps:
             rows = self.replay_rows(ids_cpu, mask_cpu)
             if bool((rows >= 0).any()):
                 replay = rows.to(ids.device, torch.long)
-        self._current = _Forward(ids_cpu, mask_cpu, len(self.layers), self.top_k, not torch.is_grad_enabled(),
-                                 replay)
+        grad = torch.is_grad_enabled()
+        self._current = _Forward(ids_cpu, mask_cpu, len(self.layers), self.top_k, not grad, replay)
+        self.counts["forwards"] += 1
+        if replay is not None:
+            self.counts["replayed_grad" if grad else "replayed_no_grad"] += 1
         return None
 
     def _post(self, module, args, output):
