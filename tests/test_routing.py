@@ -213,6 +213,29 @@ def test_replay_forces_the_experts_and_the_gradient_reaches_the_router(family):
 
 
 @pytest.mark.unit
+def test_policy_side_taps_moe_routers_and_refuses_replay_without_them():
+    from types import SimpleNamespace
+
+    from trl_correct.adapters.policy import PolicySide
+    from trl_correct.errors import ConfigError
+
+    def trainer(model, replay):
+        return SimpleNamespace(model=model, args=SimpleNamespace(routing_replay=replay),
+                               accelerator=SimpleNamespace(unwrap_model=lambda m: m))
+
+    moe = tiny_moe("qwen3_moe")
+    side = PolicySide(trainer(moe, True))
+    assert side.routing is not None and side.routing.replay and side.routing.layers == (0, 1)
+    with side.without_replay():
+        assert not side.routing.replay
+    assert side.routing.replay
+    side.routing.close()
+    assert PolicySide(trainer(torch.nn.Linear(2, 2), False)).routing is None  # dense: no hook
+    with pytest.raises(ConfigError, match="routing_replay=True is invalid for this model: it has no mixture-of-experts"):
+        PolicySide(trainer(torch.nn.Linear(2, 2), True))
+
+
+@pytest.mark.unit
 def test_replay_rows_match_by_content_and_align_layers():
     model = tiny_moe("qwen3_moe")
     taps = RouterTaps.of(model)

@@ -23,6 +23,7 @@ from accelerate.utils import gather_object
 
 from .audit import (generated_rows, loss_audit, padded_batch, quiet_trackers, self_consistency, side_effects_undone,
                     token_identity)
+from ..errors import ConfigError
 from .head import add_processed_head
 from .routing import RouterTaps, unknown_routers
 from .trl_api import add_fused_lm_head, mark_engine_current, pad_token_id, score, tokenize_prompts
@@ -55,9 +56,9 @@ class PolicySide:
         if getattr(trainer.args, "routing_replay", False):
             unknown = unknown_routers(model)
             if unknown or self.routing is None:
-                raise ValueError("routing_replay=True is invalid for this model: " + (
+                raise ConfigError("routing_replay=True is invalid for this model: " + (
                     f"its router {unknown[0]} is of a class trl-correct cannot replay (adapters/routing.py ROUTERS)"
-                    if unknown else "it has no mixture-of-experts router"))
+                    if unknown else "it has no mixture-of-experts router") + "; set routing_replay: false")
             self.routing.replay = True
 
     # -- what the trainer runs with --------------------------------------------------------------------------------
