@@ -157,3 +157,57 @@ def test_kill_during_checkpoint_write_then_resume_latest(tmp_path):
     assert changed["saved"]["temperature"] == 0.9 and changed["now"]["temperature"] == 0.8
     state = json.loads((ck4 / "correctness_state.json").read_text())
     assert [r["step"] for r in state["steps"]] == [0, 1, 2, 3] and state["resumes"][0]["changed"]
+
+
+INTERRUPTIONS = {  # point, signal: a run stopped there, and what the next run must do
+    "kill -9 during generation": ("generate", signal.SIGKILL),
+    "kill -9 during the optimizer step": ("optimizer", signal.SIGKILL),
+    "SIGTERM during generation": ("generate", signal.SIGTERM),
+}
+
+
+@pytest.mark.parametrize("case", list(INTERRUPTIONS))
+def test_interrupted_run_resumes_from_the_last_whole_checkpoint(tmp_path, case):
+    """Stopped after checkpoint-2 was written whole, in the middle of the next step: `--resume_from_checkpoint true`
+    resumes from checkpoint-2 (the lock left behind taken over), the gate re-runs and passes, and the run finishes
+    with a certificate recording the resume."""
+    point, sig = INTERRUPTIONS[case]
+    out, paused = tmp_path / "run", tmp_path / "paused"
+    ck2 = out / "checkpoint-2"
+    first = _launch([*RUN, "--output_dir", str(out)], out, "first",
+                    {"KILL_POINT": point, "KILL_POINT_AFTER": str(ck2 / COMPLETE_FILE), "KILL_POINT_FILE": str(paused)})
+    deadline = time.time() + 900
+    while not paused.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    log = (tmp_path / "first.log").read_text()
+    assert paused.exists(), f"never reached {point} (rc {first.poll()}):\n{log[-3000:]}"
+    os.killpg(first.pid, sig)
+    first.wait(timeout=120)
+    assert why_partial(str(ck2)) is None and not (out / "checkpoint-4").exists()
+
+    second = subprocess.run([sys.executable, "-m", "trl_correct.train", *RUN, "--output_dir", str(out),
+                             "--resume_from_checkpoint", "true"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=900)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert f"took over the lock left by pid {first.pid}" in second.stderr
+    cert = json.loads((out / "correctness_certificate.json").read_text())
+    assert cert["verdict"] == "pass" and [r["from"] for r in cert["run"]["resumes"]] == [str(ck2)]
+
+
+def test_run_killed_in_the_gate_leaves_nothing_in_the_way(tmp_path):
+    """Killed in the gate before step 0 (nothing saved yet): the same command runs again, taking over the lock."""
+    out, paused = tmp_path / "run", tmp_path / "paused"
+    first = _launch([*RUN, "--output_dir", str(out), "--overwrite_output_dir", "false"], out, "first",
+                    {"KILL_POINT": "gate", "KILL_POINT_FILE": str(paused)})
+    deadline = time.time() + 900
+    while not paused.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    log = (tmp_path / "first.log").read_text()
+    assert paused.exists(), f"never reached the gate (rc {first.poll()}):\n{log[-3000:]}"
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=120)
+    second = subprocess.run([sys.executable, "-m", "trl_correct.train", *RUN, "--output_dir", str(out),
+                             "--overwrite_output_dir", "false", "--max_steps", "1"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert f"took over the lock left by pid {first.pid}" in second.stderr
