@@ -292,8 +292,9 @@ def main(argv: list[str] | None = None) -> int:
 
     out = {"verdict": "pass" if report.passed else "fail", "checks": report.to_dict()["checks"],
            "causes": report.causes, "mismatch": {k: report.mismatch.get(k) for k in MISMATCH_OUT},
-           "ablation": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
-           "clean_passed": clean.passed, "gate_table": report.table()}
+           "ablation": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]}
+    if a.only is not None:  # a child of in_processes: what the parent merges
+        out.update(clean_passed=clean.passed, gate_table=report.table())
     print(report.table())
     print()
     print(table(rows))
