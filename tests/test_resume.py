@@ -22,7 +22,7 @@ def test_resume_restores_gate_history_and_gates_the_checkpoint(make_trainer):
     ckpt = Path(first.args.output_dir) / "checkpoint-2"
     saved = json.loads((ckpt / "correctness_state.json").read_text())
     assert saved["step"] == 2 and saved["tis_enabled"] and saved["gate"]["verdict"] == "pass"
-    assert [r["step"] for r in saved["steps"]] == [0, 1] and saved["thresholds"] == first.thresholds
+    assert [r["step"] for r in saved["steps"]] == [0, 1] and saved["thresholds"] == first.gate.thresholds
     trained = {n: p.detach().clone() for n, p in first.model.named_parameters()}
 
     second = make_trainer(RecordsGatedWeights, max_steps=4, save_strategy="no")

@@ -77,6 +77,6 @@ def test_sharded_config_on_a_cpu_is_a_one_line_error(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode != 0
     lines = [re.sub(r"^\[rank\d+\]: ", "", x) for x in p.stderr.splitlines()]
-    line = next((x for x in lines if x.startswith("ValueError: distributed_type=FSDP is invalid")), None)
+    line = next((x for x in lines if x.startswith("trl-correct train: distributed_type=FSDP is invalid")), None)
     assert line is not None, p.stderr[-3000:]
     assert "cpu_2proc.yaml" in line

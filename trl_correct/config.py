@@ -79,6 +79,8 @@ def _expected(value, tp, strings_convert: bool) -> str | None:
     if tp is str:
         return None if isinstance(value, str) else "text"
     if tp is list or origin is list:
+        if isinstance(value, str) and strings_convert:  # one item as text: TRL's parser and PEFT take it as it is
+            return None  # (lora_target_modules: all-linear, as the LoRA recipe writes it)
         if not isinstance(value, list):
             return "a list"
         inner = [_expected(v, args[0], strings_convert) for v in value] if args else []
