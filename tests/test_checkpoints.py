@@ -120,17 +120,25 @@ def _launch(argv, out: Path, name: str, env: dict) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True)
 
 
-def test_kill_during_checkpoint_write_then_resume_latest(tmp_path):
-    out, paused = tmp_path / "run", tmp_path / "paused"
-    first = _launch([*RUN, "--output_dir", str(out)], out, "first",
-                    {"KILL_POINT_STEP": "4", "KILL_POINT_FILE": str(paused)})
+def _stopped_at(argv, out: Path, env: dict, where: str, sig=signal.SIGKILL, wait_s: int = 120) -> subprocess.Popen:
+    """A run launched through the helper, stopped with `sig` once it has paused at its point (`where`, for the
+    message when it never gets there); its log is <out's parent>/first.log."""
+    paused = Path(env["KILL_POINT_FILE"])
+    first = _launch(argv, out, "first", env)
     deadline = time.time() + 900
     while not paused.exists() and first.poll() is None and time.time() < deadline:
         time.sleep(0.5)
-    log = (tmp_path / "first.log").read_text()
-    assert paused.exists(), f"the run never reached the checkpoint write (rc {first.poll()}):\n{log[-3000:]}"
-    os.killpg(first.pid, signal.SIGKILL)  # its own session: the run and anything it started
-    first.wait(timeout=60)
+    log = (out.parent / "first.log").read_text()
+    assert paused.exists(), f"the run never reached {where} (rc {first.poll()}):\n{log[-3000:]}"
+    os.killpg(first.pid, sig)  # its own session: the run and anything it started
+    first.wait(timeout=wait_s)
+    return first
+
+
+def test_kill_during_checkpoint_write_then_resume_latest(tmp_path):
+    out, paused = tmp_path / "run", tmp_path / "paused"
+    first = _stopped_at([*RUN, "--output_dir", str(out)], out, {"KILL_POINT_STEP": "4", "KILL_POINT_FILE": str(paused)},
+                        "the checkpoint write", wait_s=60)
     ck2, ck4 = out / "checkpoint-2", out / "checkpoint-4"
     assert paused.read_text() == str(ck4)
     assert why_partial(str(ck2)) is None
@@ -174,15 +182,8 @@ def test_interrupted_run_resumes_from_the_last_whole_checkpoint(tmp_path, case):
     point, sig = INTERRUPTIONS[case]
     out, paused = tmp_path / "run", tmp_path / "paused"
     ck2 = out / "checkpoint-2"
-    first = _launch([*RUN, "--output_dir", str(out)], out, "first",
-                    {"KILL_POINT": point, "KILL_POINT_AFTER": str(ck2 / COMPLETE_FILE), "KILL_POINT_FILE": str(paused)})
-    deadline = time.time() + 900
-    while not paused.exists() and first.poll() is None and time.time() < deadline:
-        time.sleep(0.5)
-    log = (tmp_path / "first.log").read_text()
-    assert paused.exists(), f"never reached {point} (rc {first.poll()}):\n{log[-3000:]}"
-    os.killpg(first.pid, sig)
-    first.wait(timeout=120)
+    first = _stopped_at([*RUN, "--output_dir", str(out)], out, {
+        "KILL_POINT": point, "KILL_POINT_AFTER": str(ck2 / COMPLETE_FILE), "KILL_POINT_FILE": str(paused)}, point, sig)
     assert why_partial(str(ck2)) is None and not (out / "checkpoint-4").exists()
 
     second = subprocess.run([sys.executable, "-m", "trl_correct.train", *RUN, "--output_dir", str(out),
@@ -197,15 +198,8 @@ def test_interrupted_run_resumes_from_the_last_whole_checkpoint(tmp_path, case):
 def test_run_killed_in_the_gate_leaves_nothing_in_the_way(tmp_path):
     """Killed in the gate before step 0 (nothing saved yet): the same command runs again, taking over the lock."""
     out, paused = tmp_path / "run", tmp_path / "paused"
-    first = _launch([*RUN, "--output_dir", str(out), "--overwrite_output_dir", "false"], out, "first",
-                    {"KILL_POINT": "gate", "KILL_POINT_FILE": str(paused)})
-    deadline = time.time() + 900
-    while not paused.exists() and first.poll() is None and time.time() < deadline:
-        time.sleep(0.5)
-    log = (tmp_path / "first.log").read_text()
-    assert paused.exists(), f"never reached the gate (rc {first.poll()}):\n{log[-3000:]}"
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait(timeout=120)
+    first = _stopped_at([*RUN, "--output_dir", str(out), "--overwrite_output_dir", "false"], out,
+                        {"KILL_POINT": "gate", "KILL_POINT_FILE": str(paused)}, "the gate")
     second = subprocess.run([sys.executable, "-m", "trl_correct.train", *RUN, "--output_dir", str(out),
                              "--overwrite_output_dir", "false", "--max_steps", "1"], cwd=ROOT, capture_output=True,
                             text=True, timeout=900)

@@ -20,7 +20,6 @@ Figures: `.venv/bin/python -m pytest -q -s tests/test_moe.py | grep '^moe '`.
 """
 
 import gc
-import os
 
 import pytest
 import torch

@@ -26,7 +26,7 @@ from typing import Callable
 import transformers
 import trl
 from transformers import PretrainedConfig, Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint  # noqa: F401 (re-exported)
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig
 from trl.trainer import utils as trl_utils
 from trl.trainer.utils import (FusedCausalLMOutput, add_fused_lm_head, create_model_from_path,  # noqa: F401

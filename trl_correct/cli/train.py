@@ -185,7 +185,8 @@ def parse(argv: list[str] | None = None):
     """(script_args, config, model_args) from a recipe plus flags, every problem a one-line errors.UserError."""
     argv = list(sys.argv[1:] if argv is None else argv)
     path, rest = _split_config(argv)
-    recipe = load_recipe(path) if path else {}
+    if path:
+        load_recipe(path)  # the recipe's own checks, each a one-line error, before TRL's parser reads it
     check_flags(rest)
     parser = _Parser(PARSED)
     try:

@@ -12,7 +12,6 @@ from typing import Callable
 
 import torch
 
-from .records import RATIO_KEYS  # noqa: F401 (the ratio statistics' names, defined once)
 from .sampler import OUTSIDE_LOGPROB
 
 TIS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
