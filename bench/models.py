@@ -11,6 +11,9 @@ qwen2.5-0.5b  Qwen2.5-0.5B's published config (24 layers, hidden 896, 14 heads /
             151,936, tied embeddings, QKV bias): 494M parameters, random init, saved in bf16 like the published one.
 qwen3-0.6b  Qwen3-0.6B's published config (28 layers, hidden 1024, 16 heads / 8 KV heads of 128, MLP 3072, q/k norm,
             vocab 151,936, tied): 596M parameters, random init, bf16.
+qwen3-moe-0.4b  Qwen3-30B-A3B's published MoE config scaled down (64 experts, top-8, expert MLP 256, hidden 512, 8
+            layers, 4 heads / 2 KV heads of 128, untied, vocab 151,936): 363M parameters, random init, bf16: the
+            real-shaped mixture-of-experts bench model (bench/moe_gate.py --model qwen3-moe-0.4b).
 qwen2-rand-2m  Qwen2, 2 layers, hidden 256 (4 heads / 2 KV heads of 64), MLP 704, the tiny vocab of 1,024, tied:
             1.7M parameters, random init peaked like the real shapes. Untrained, it does not learn to stop: its
             completions run to the token limit (the tiny model's end at EOS after a few dozen), so a step reaches
@@ -40,6 +43,15 @@ REAL_SHAPES = {
         hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
         head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
         vocab_size=151936, use_sliding_window=False, hidden_act="silu", attention_bias=False)),
+    # Qwen3-30B-A3B's published config (128 experts, top-8, expert MLP 768, hidden 2048, 48 layers) scaled to fit 2
+    # cores and 24 GB: 64 experts, top-8 (normalised), expert MLP 256, hidden 512, 8 layers, 4 heads / 2 KV heads of
+    # 128, q/k norm, untied head, vocab 151,936: 363M parameters (201M in experts), random init, bf16.
+    "qwen3-moe-0.4b": ("Qwen3MoeConfig", dict(
+        hidden_size=512, intermediate_size=1536, moe_intermediate_size=256, num_experts=64, num_experts_per_tok=8,
+        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], num_hidden_layers=8, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, vocab_size=151936, use_sliding_window=False, hidden_act="silu",
+        attention_bias=False, router_aux_loss_coef=0.001, output_router_logits=False)),
     "qwen2-rand-2m": ("Qwen2Config", dict(
         hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=1024, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,

@@ -8,6 +8,8 @@ the last sync.
     .venv/bin/python bench/moe_gate.py                       # every MoE family, float32
     .venv/bin/python bench/moe_gate.py --dtype bfloat16 qwen3_moe
     .venv/bin/python bench/moe_gate.py --dtype bfloat16 --replay qwen3_moe    # routing_replay: true
+    .venv/bin/python bench/moe_gate.py --dtype bfloat16 --gate enforce --steps 10 --seed 1 --completion 32 \
+        --probe 8 32 qwen3-moe-0.4b                                           # the real-shaped bench model
 
 Each family runs in a child process of its own (one vLLM engine at a time, and no class patched by one family's
 engine leaks into the next). Mixtral streams checkpoint names (`revert_weight_conversion`): vLLM's Mixtral cannot load
@@ -19,6 +21,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -27,7 +30,21 @@ from _common import run_child  # noqa: E402
 STEPS = 3
 
 
-def child(family: str, dtype: str, out: str, replay: bool = False, steps: int = STEPS, probe=(4, 8)) -> None:
+def model_path(family: str) -> str:
+    """A tiny MoE family (tiny.py MOE_FAMILIES), a bench model (bench/models.py, e.g. qwen3-moe-0.4b) or a folder."""
+    from trl_correct.tasks.tiny import MOE_FAMILIES, tiny_family_dir
+
+    if family in MOE_FAMILIES:
+        return str(tiny_family_dir(family))
+    if os.path.isdir(family):
+        return family
+    from models import model_dir
+
+    return str(model_dir(family))
+
+
+def child(family: str, dtype: str, out: str, replay: bool = False, steps: int = STEPS, probe=(4, 8), seed: int = 0,
+          gate: str = "observe", completion: int = 12, batch: int = 8) -> None:
     # as the tests run: no launcher variables (the engine sets its own while it builds, adapters/engine.launcher_env)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -36,7 +53,7 @@ def child(family: str, dtype: str, out: str, replay: bool = False, steps: int = 
     from transformers.core_model_loading import revert_weight_conversion
 
     from trl_correct import CorrectGRPOConfig, CorrectGRPOTrainer
-    from trl_correct.tasks.tiny import keyword_reward, tiny_family_dir, tiny_prompts
+    from trl_correct.tasks.tiny import keyword_reward, tiny_prompts
 
     class CheckpointNames(CorrectGRPOTrainer):
         def engine_weights(self):
@@ -45,20 +62,25 @@ def child(family: str, dtype: str, out: str, replay: bool = False, steps: int = 
 
     with tempfile.TemporaryDirectory() as tmp:
         args = CorrectGRPOConfig(output_dir=tmp, bf16=dtype == "bfloat16", max_steps=steps, learning_rate=1e-3,
-                                 per_device_train_batch_size=8, num_generations=4, max_completion_length=12,
+                                 per_device_train_batch_size=batch, num_generations=4,
+                                 max_completion_length=completion,
                                  temperature=0.9, beta=0.0, logging_steps=1, save_strategy="no", report_to="none",
-                                 seed=0, probe_size=probe[0], probe_tokens=probe[1], disable_tqdm=True, gate="observe",
+                                 seed=seed, probe_size=probe[0], probe_tokens=probe[1], disable_tqdm=True, gate=gate,
                                  use_cpu=dtype == "bfloat16" and not torch.cuda.is_available(),
                                  routing_replay=replay)
         cls = CheckpointNames if family == "mixtral" else CorrectGRPOTrainer
-        trainer = cls(model=str(tiny_family_dir(family)), reward_funcs=[keyword_reward], args=args,
+        trainer = cls(model=model_path(family), reward_funcs=[keyword_reward], args=args,
                       train_dataset=tiny_prompts())
+        t0 = time.perf_counter()
         trainer.train()
+        seconds = time.perf_counter() - t0
         report = trainer.gate_report
         steps = [(r["mean_abs_logprob_diff"], r["max_abs_logprob_diff"],
                   (r.get("routing") or {}).get("flip_frac_token_layer")) for r in trainer.step_records]
         step_routing = [r.get("routing") for r in trainer.step_records]
-        result = dict(family=family, dtype=dtype, replay=replay, gate="PASS" if report.passed else "FAIL",
+        failures = [f.to_dict() for f in trainer.failures]
+        result = dict(family=family, dtype=dtype, replay=replay, seed=seed, gate_mode=gate, seconds=seconds,
+                      failures=failures, gate="PASS" if report.passed else "FAIL",
                       failed=[c.name for c in report.checks if not c.passed],
                       probe_mean=report.mismatch["mean_abs_logprob_diff"],
                       probe_p99=report.mismatch["p99_abs_logprob_diff"],
@@ -80,19 +102,31 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--probe", type=int, nargs=2, default=(4, 8), metavar=("PROMPTS", "TOKENS"),
                     help="probe_size and probe_tokens (the config's defaults: 8 32)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gate", default="observe", choices=["enforce", "warn", "observe"])
+    ap.add_argument("--completion", type=int, default=12, help="max_completion_length")
+    ap.add_argument("--batch", type=int, default=8, help="per_device_train_batch_size (4 completions per prompt)")
+    ap.add_argument("--json", help="append each run's result as one JSON line here")
     ap.add_argument("--tables", action="store_true", help="print each family's gate table too")
     ap.add_argument("--child", nargs=2, metavar=("FAMILY", "OUT"))
     a = ap.parse_args()
     if a.child:
-        return child(a.child[0], a.dtype, a.child[1], a.replay, a.steps, tuple(a.probe))
+        return child(a.child[0], a.dtype, a.child[1], a.replay, a.steps, tuple(a.probe), a.seed, a.gate,
+                     a.completion, a.batch)
     for family in a.families:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "r.json")
             r = run_child([__file__, "--dtype", a.dtype, *(["--replay"] if a.replay else []), "--steps",
-                           str(a.steps), "--probe", *map(str, a.probe), "--child", family, out], out, family)
+                           str(a.steps), "--probe", *map(str, a.probe), "--seed", str(a.seed), "--gate", a.gate,
+                           "--completion", str(a.completion), "--batch", str(a.batch), "--child", family, out], out,
+                          family)
+        if a.json:
+            with open(a.json, "a") as f:
+                f.write(json.dumps({k: v for k, v in r.items() if k != "table"}) + "\n")
         steps = " ".join(f"{m:.3g}/{x:.3g}" + (f"/{f:.1%}" if f is not None else "") for m, x, f in r["steps"])
         th = r["thresholds"] or {}
-        print(f"moe-gate {r['family']} {r['dtype']} replay={'on' if r['replay'] else 'off'} gate={r['gate']} "
+        print(f"moe-gate {r['family']} {r['dtype']} seed={r['seed']} gate:{r['gate_mode']} {r['seconds']:.0f}s "
+              f"failed batches={len(r['failures'])} replay={'on' if r['replay'] else 'off'} gate={r['gate']} "
               f"failed={r['failed']} probe mean={r['probe_mean']:.3g} (limit {th.get('mean_abs_logprob_diff', 0):.3g}) "
               f"p99={r['probe_p99']:.3g} (limit {th.get('p99_abs_logprob_diff', 0):.3g}) max={r['probe_max']:.3g} "
               f"steps(mean/max/flips)={steps} syncs={r['syncs']} last_sync_stale={r['last_sync_stale']}", flush=True)
