@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .core.calibrate import CAPS, Calibration, calibrate
+from .core.calibrate import CAPS, PRECISION_FLOOR, Calibration, calibrate
 from .core.checks import (BLOCKING, LINEAR_LOSS_TYPES, Check, GateReport, clip_check, loss_audit_check, mismatch_check,
                           missed_sync_check, non_finite_check, reset_check, routing_check, routing_threshold,
                           routing_unavailable_check,
@@ -47,6 +47,8 @@ STALE_MIN_SHARE = 0.1
 # Second temperature of the temperature check when the config's is 1 (at T=1 a temperature applied twice or never
 # changes nothing, so the fault can only show away from it).
 ALT_TEMPERATURE = 0.7
+# precise_probe: auto runs the fp32 twin up to this many parameters (their float32 copy in the twin: 8 GB)
+PRECISE_AUTO_MAX_PARAMS = 2e9
 
 # When each group of checks runs (the data the gate is assembled from):
 #   start    the full gate before step 0 (and after a resume): `before_training()`
@@ -65,6 +67,7 @@ SCHEDULE = {
     "batch_identity": ("batch",),  # the scored token ids are the engine's
     "batch_support": ("batch",),  # sampled tokens inside the trainer's kept set; every logprob finite
     "batch_mismatch": ("batch",),  # mismatch and clip share of the real batch (decide only while TIS is on)
+    "precise_probe": ("start", "interval"),  # bf16/fp16: the probe again with both sides in fp32 (mismatch_fp32)
     "routing": ("start", "interval"),  # MoE: the probe's routing flips against the trainer's own floor; replay
     "batch_routing": ("batch",),  # MoE: the batch's routing figures (metrics); with replay on, replay must be aligned
 }
@@ -328,9 +331,95 @@ class Gate:
                 reference, _ = self.policy.score(probe.prompt_ids, probe.completion_ids)
             routing["dtype_rounding"] = records
             floors["dtype_rounding"] = summarize_gaps(*valid_gaps(probe.trainer_logprobs, reference, probe.mask))
+        if self.compute_dtype == "float32":
+            floors["fp32_rounding"] = self.fp32_rounding(probe)
         if probe.routing is not None:
             self.routing_floor = self._routing_floor(probe, routing)
         return Floors.max_over(self.policy.from_every_rank(floors))
+
+    def fp32_rounding(self, probe: ProbeResult) -> dict | str:
+        """The precision floor of a float32 trainer: its probe logprobs against the same tokens scored in float64
+        (routing replayed as in the probe). What vLLM's fp32 kernels differ from HF's by is rounding of this size
+        (measured on this CPU: tiny 9.0e-7 mean against the engine's 9e-7; vocab 151,936: 5.0e-5 against 5.8e-5), so
+        it replaces the fixed fp32 minimum (calibrate.py). A string when it cannot be measured here."""
+        why_not = ("precision_floor: false" if not getattr(self.args, "precision_floor", True)
+                   else self.policy.fp64_reference_unavailable())
+        if why_not:
+            return why_not
+        with self.routing_recorded(probe.routing):
+            reference = self.policy.fp64_logprobs(probe.prompt_ids, probe.completion_ids, probe.temperature)
+        width = min(reference.size(1), probe.trainer_logprobs.size(1))
+        reference = reference[:, :width].to(probe.trainer_logprobs.device)
+        return summarize_gaps(*valid_gaps(probe.trainer_logprobs[:, :width], reference, probe.mask[:, :width]))
+
+    # -- the precise probe (bf16/fp16) --------------------------------------------------------------------------
+    def precise_unavailable(self) -> str | None:
+        """Why the fp32 probe does not run on this trainer; None when it does (config precise_probe)."""
+        a = self.args
+        mode = getattr(a, "precise_probe", "auto")
+        if mode == "off":
+            return "precise_probe: off"
+        if self.compute_dtype == "float32":
+            return "the trainer computes in float32: the probe itself is the precise one (fp32_rounding floor)"
+        if a.bit_exact:
+            return "bit_exact: the probe must match exactly already"
+        if self.engine.settings.tensor_parallel_size > 1 or self.policy.num_processes > 1:
+            return "more than one process: the fp32 twin engine is built for one process without tensor parallelism"
+        why = self.policy.fp32_reference_unavailable() or self.policy.fp64_reference_unavailable()
+        if why:
+            return why
+        if mode == "auto":
+            if self.on_gpu:
+                return ("auto: not on a GPU yet (the fp32 twin's memory beside the production engine is not sized "
+                        "there); precise_probe: on to run it")
+            n = sum(p.numel() for p in self.policy.model().parameters())
+            if n > PRECISE_AUTO_MAX_PARAMS:
+                return (f"auto: {n / 1e9:.1f}B parameters (> {PRECISE_AUTO_MAX_PARAMS / 1e9:g}B: the twin holds them "
+                        "in float32); precise_probe: on to run it")
+        return None
+
+    def precise_probe(self, probe: ProbeResult) -> tuple[Check, dict]:
+        """The probe again with both sides in float32 from the same weights: the engine's fp32 twin (loaded from the
+        trainer's weights, fingerprint-verified) samples the probe prompts; the trainer scores them with autocast off.
+        Judged by calibrate.py's rule against the trainer's fp32 rounding on these tokens (float64 reference), so a
+        fault that does not depend on the dtype shows far inside bf16 noise. Covers: the sampler, temperature and
+        logprobs mode, the model as each side builds it (config fields, quirks, kernels in fp32), the tokens, the
+        weights as streamed. Not: the production engine's dtype-specific behaviour (a bf16 head) or its state (cache,
+        sleep, its own sync): the bf16 probe and the sync fingerprint keep those. Returns the check and its figures
+        (the report's mismatch.fp32_probe)."""
+        twin = self.engine.fp32_twin()
+        stale = twin.sync_weights()
+        label = "fp32 probe (both sides float32, same weights)"
+        if stale:
+            return Check("mismatch_fp32", False, f"{label}: the fp32 twin's weights differ from the trainer's after its "
+                         f"load: {', '.join(stale[:3])}", "the weight stream itself is wrong (see weight_sync)",
+                         measured=len(stale), threshold=0), {"stale": stale}
+        t = probe.temperature
+        ids, lps = twin.sample(probe.prompt_ids, max_tokens=self.args.probe_tokens, seed=PROBE_SEED + self.args.seed,
+                               temperature=t)
+        with self.routing_recorded(None), self.policy.fp32_reference(), self.policy.at_temperature(t):
+            trainer_lps, mask = self.policy.score(probe.prompt_ids, ids)
+        engine_lps = pad([torch.tensor(x, dtype=torch.float32) for x in lps], padding_value=float("nan"),
+                         padding_side="right").to(trainer_lps.device)
+        stats = measure(trainer_lps, engine_lps, mask, self.policy.correction).stats
+        reference = self.policy.fp64_logprobs(probe.prompt_ids, ids, t)
+        width = min(reference.size(1), trainer_lps.size(1))
+        floor = summarize_gaps(*valid_gaps(trainer_lps[:, :width], reference[:, :width].to(trainer_lps.device),
+                                           mask[:, :width]))
+        cal = calibrate({PRECISION_FLOOR: floor}, "float32", self.on_gpu)
+        check = mismatch_check(stats, cal.values(), label)
+        check = replace(check, name="mismatch_fp32", detail=check.detail + (
+            f"; floor: trainer in fp32 vs fp64, mean {floor[MEAN]:.3g}, p99 {floor[P99]:.3g} (thresholds 4 x floor, "
+            "k3 16 x)"))
+        if not check.passed:
+            check = replace(check, fix="with both sides in float32 the engine and the trainer still differ beyond the "
+                                       "trainer's own fp32 rounding: a fault that does not depend on the dtype (the "
+                                       "sampler, temperature, logprobs, a model config field or quirk read "
+                                       "differently on one side); trl-correct doctor ablates the known ones")
+        figures = dict({k: stats[k] for k in (MEAN, P99, MAX, "kl_k3", "n_tokens")}, thresholds=cal.values(),
+                       floor={k: floor[k] for k in (MEAN, P99, "kl_k3", "n_tokens")},
+                       rule={k: th.rule for k, th in cal.thresholds.items()})
+        return check, figures
 
     def _routing_floor(self, probe: ProbeResult, records: dict) -> dict:
         """The trainer's router top-k of the probe batch against itself scored one sequence at a time, and at its
@@ -370,7 +459,7 @@ class Gate:
         """Every check `SCHEDULE` lists for `when` (start / interval / sync), on the engine as it is now (the caller
         has synced it). Does not apply the policy."""
         caching = self.engine.settings.enable_prefix_caching
-        checks, probe, floors = [], None, Floors()
+        checks, probe, floors, precise = [], None, Floors(), None
         facts = (self.policy.facts(), self.engine.facts()) if due("static", when, caching) else None
         if facts:
             checks += static_checks(*facts)
@@ -397,6 +486,14 @@ class Gate:
                 checks += audits[:2] + ([consistency] if consistency else []) + audits[2:]
             elif consistency:
                 checks.append(consistency)
+            if due("precise_probe", when, caching) and self.compute_dtype != "float32":
+                why = self.precise_unavailable()
+                if why:
+                    precise = {"not_run": why}
+                else:
+                    with self.phase("fp32 probe"):
+                        check, precise = self.precise_probe(probe)
+                    checks.append(check)
             if due("routing", when, caching) and self.policy.routing is not None:
                 if probe.routing is not None:
                     with self.phase("routing"):
@@ -407,6 +504,8 @@ class Gate:
             if due("extra", when, caching):
                 checks += self.policy.extra_checks(probe)
         mismatch = dict(probe.stats.to_dict(), thresholds=self.thresholds) if probe else {}
+        if probe is not None and precise is not None:
+            mismatch["fp32_probe"] = precise
         if probe is not None and probe.routing is not None:
             mismatch["routing"] = probe.routing.get("figures", mismatch.get("routing"))
             checks = [self._routing_hint(c, mismatch["routing"]) for c in checks]

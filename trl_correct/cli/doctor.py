@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table())
     print()
     print(table(rows))
-    ok = report.passed if not injected_gate else all(FAULTS[n].cause in report.causes for n in a.inject)
+    ok = report.passed if not injected_gate else all(FAULTS[n].named_by(report.causes) for n in a.inject)
     if a.selftest:
         by_name = {r["setting"]: r for r in rows}
         out["selftest"] = []
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             fault = FAULTS[name]
             r = by_name[name]
             na = fault.not_applicable(trainer)
-            detected = None if na else fault.cause in r["causes"]
+            detected = None if na else fault.named_by(r["causes"])
             out["selftest"].append({"fault": name, "detected": detected, "causes": r["causes"],
                                     "expected": fault.cause, **({"note": na} if na else {})})
         ok = _print_selftest(out["selftest"]) and clean.passed

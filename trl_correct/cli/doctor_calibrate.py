@@ -36,6 +36,13 @@ def _margin(stats: dict, thresholds: dict) -> float:
     return max(stats[k] / thresholds[k] if thresholds[k] > 0 else float("inf") for k in CALIBRATED)
 
 
+def _precise_margin(mismatch: dict) -> float | None:
+    """The same margin on the fp32 probe (bf16/fp16 with precise_probe), against its own thresholds; None when it
+    did not run."""
+    p = (mismatch or {}).get("fp32_probe") or {}
+    return _margin(p, p["thresholds"]) if "thresholds" in p else None
+
+
 def main(a, recipe_flags: list[str]) -> int:
     from .train import build_trainer
 
@@ -79,23 +86,30 @@ def main(a, recipe_flags: list[str]) -> int:
         print(f"trl-correct doctor --calibrate: injecting {name} ...", file=sys.stderr, flush=True)
         run = run_with_faults(trainer, [name], base)
         m = run.report.mismatch
-        named = fault.cause in run.report.causes
+        named = fault.named_by(run.report.causes)
         ok &= named
         rows.append({"fault": name, **{k: m.get(k) for k in (*CALIBRATED, CAP_ONLY)}, "named": named,
                      "causes": run.report.causes, "margin_calibrated": _margin(m, cal) if m else None,
-                     "margin_fixed": _margin(m, fixed) if m else None})
+                     "margin_fixed": _margin(m, fixed) if m else None, "margin_fp32_probe": _precise_margin(m)})
     # no engine rebuilt with `base` here: the process ends with this command, and each rebuild costs an engine's start
 
     print("\nfaults that move the probe: margin = largest fault/threshold over mean, p99, k3 (> 1: the generic "
           "mismatch check alone catches it)")
-    print("| fault | mean |Δ| | p99 |Δ| | k3 KL | margin, calibrated | margin, fixed | named by its own check |")
-    print("|---|---|---|---|---|---|---|")
+    precise = any(r["margin_fp32_probe"] is not None for r in rows)
+    print("| fault | mean |Δ| | p99 |Δ| | k3 KL | margin, calibrated | margin, fixed | "
+          + ("margin, fp32 probe | " if precise else "") + "named by its own check |")
+    print("|---|---|---|---|---|---|---|" + ("---|" if precise else ""))
     for r in rows:
         print(f"| {r['fault']} | {_fmt(r['mean_abs_logprob_diff'])} | {_fmt(r['p99_abs_logprob_diff'])} | "
               f"{_fmt(r['kl_k3'])} | {_fmt(r['margin_calibrated'])}x | {_fmt(r['margin_fixed'])}x | "
-              f"{'yes' if r['named'] else 'NO'} ({', '.join(r['causes'])}) |")
+              + (f"{_fmt(r['margin_fp32_probe'])}x | " if precise else "")
+              + f"{'yes' if r['named'] else 'NO'} ({', '.join(r['causes'])}) |")
     clean_margin = _margin(clean.report.mismatch, cal) if clean.report.mismatch else None
     print(f"\nclean probe: {_fmt(clean_margin)}x of the calibrated thresholds (must stay below 1)")
+    clean_precise = _precise_margin(clean.report.mismatch)
+    if clean_precise is not None or (clean.report.mismatch or {}).get("fp32_probe"):
+        print(f"clean fp32 probe: {_fmt(clean_precise)}x of its thresholds (must stay below 1)"
+              + ("" if clean_precise is not None else f"; not run: {clean.report.mismatch['fp32_probe'].get('not_run')}"))
 
     snippet = yaml_snippet(pinned, floors, trainer)
     with open(a.yaml, "w") as f:
@@ -104,6 +118,7 @@ def main(a, recipe_flags: list[str]) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"verdict": "pass" if ok else "fail", "clean": clean.report.to_dict(), "floors": floors,
+                       "clean_margin": clean_margin, "clean_margin_fp32_probe": clean_precise,
                        "calibration": pinned.to_dict(), "fixed": fixed, "faults": rows}, f, indent=2, default=str)
     return 0 if ok else 1
 

@@ -79,6 +79,7 @@ class Floors(Record):
 
     trainer_vs_itself: dict | str | None = None
     dtype_rounding: dict | str | None = None
+    fp32_rounding: dict | str | None = None  # a float32 trainer against itself in float64 (the precision floor)
     engine_vs_itself: dict | str | None = None  # the doctor's --calibrate only
 
     def to_dict(self) -> dict:

@@ -11,13 +11,24 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from ..adapters.trl_api import patch_method
+from ..adapters.trl_api import attention_implementation, patch_method
 
 # Simulated update: each tensor moves by 0.1 of its own std, what many training steps do to a cache entry that is never
 # dropped. 1e-2 (about one lr=1e-3 step of the tiny model) leaves a stale cache inside bf16 noise: in bf16 on CPU the
 # cached-prefix probe then measured mean |Δ| 0.0062 against 0.0075 uncached; at 0.1, 0.033 against 0.007.
 PERTURB_REL = 0.1
 LOGPROB_BIAS = 0.1  # nats: the engine_logprob_bias fault's constant shift
+# The unlisted stand-ins (issue 28): faults no named check knows, small by design, that only the generic `mismatch`
+# check can catch. Each is a real-world kind: a normaliser off by a little on the engine (a padded vocabulary row
+# with a non-zero logit puts ~1 % of the mass where nobody samples), a model quirk one implementation ignores
+# (Gemma 2's attention soft-capping at 50), a config field one side reads differently (a rotary base, an RMSNorm
+# epsilon: the Llama default 1e-5 where the config says 1e-6).
+SMALL_LOGPROB_BIAS = 0.01  # nats
+ATTENTION_SOFTCAP = 50.0
+ROPE_BASE_FACTOR = 1.1  # the trainer's rotary base is 10 % above the config's
+NORM_EPS = 1e-5  # the trainer's RMSNorm epsilon (the stand-in applies where the config's differs)
+GENERIC = ("mismatch", "mismatch_fp32")  # the generic check, on the probe and on the fp32 probe
+STAND_INS = ("engine_logprob_bias_small", "attention_softcap_one_side", "rotary_base_differs", "norm_eps_differs")
 
 
 @dataclass(frozen=True)
@@ -30,6 +41,11 @@ class Fault:
     trainer_flags: tuple = ()  # recipe flags for a trainer built with the fault (the doctor builds a second one)
     run_when_na: bool = True  # the doctor still shows the row when not applicable (e.g. raw logprobs at T=1 pass)
     moves_probe: bool = True  # False: the probe's logprobs stay at the floor; only the fault's own check can name it
+
+    def named_by(self, causes) -> bool:
+        """Whether a gate whose failed checks are `causes` names this fault: its own cause; for the generic
+        `mismatch`, either probe's (mismatch_fp32: the precise probe of a bf16/fp16 run)."""
+        return self.cause in causes or (self.cause in GENERIC and any(c in GENERIC for c in causes))
 
     def not_applicable(self, trainer) -> str | None:
         """Why this fault cannot show on this setup; None when it can."""
@@ -97,14 +113,91 @@ def _tied_head_stale(t):
     t.engine.refresh_shared = lambda: None
 
 
-def _logprob_bias(t):
-    real = t.engine.sample
+def _logprob_bias(t, bias: float = LOGPROB_BIAS):
+    # a property of the backend: its fp32 twin (the precise probe's, when built) returns the same bias
+    for engine in (t.engine, t.engine.twin):
+        if engine is None:
+            continue
+        real = engine.sample
 
-    def sample(*args, **kwargs):  # every engine logprob 0.1 nats low (e.g. renormalised over a top-p mass, TRL #6789)
-        ids, lps = real(*args, **kwargs)
-        return ids, [[x - LOGPROB_BIAS for x in s] for s in lps]
+        def sample(*args, real=real, **kwargs):  # every logprob `bias` nats low (e.g. renormalised over a top-p mass)
+            ids, lps = real(*args, **kwargs)
+            return ids, [[x - bias for x in s] for s in lps]
 
-    t.engine.sample = sample
+        engine.sample = sample
+
+
+def _small_logprob_bias(t):
+    _logprob_bias(t, SMALL_LOGPROB_BIAS)
+
+
+def _trainer_model(t):
+    from ..adapters.weights import scoring_model
+
+    return scoring_model(t.accelerator.unwrap_model(t.model))
+
+
+def _softcapped_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Eager attention with Gemma 2's tanh soft-capping of the scores (`ATTENTION_SOFTCAP`); GQA heads repeated."""
+    import torch
+
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / ATTENTION_SOFTCAP) * ATTENTION_SOFTCAP
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+def _attention_softcap(t):
+    # the trainer soft-caps its attention scores (as Gemma 2 does), the engine does not: a model quirk one side ignores
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("trl_correct_softcap", _softcapped_attention)
+    model = _trainer_model(t)
+    before = attention_implementation(model)
+    model.set_attn_implementation("trl_correct_softcap")
+    return lambda: model.set_attn_implementation(before)
+
+
+def _rotary_base(t):
+    # the trainer's rotary embedding built with another base (rope_theta) than the engine's: inv_freq[i] = base^(-2i/d),
+    # so a base x f multiplies inv_freq[i] by f^(-2i/d)
+    import torch
+
+    undo = []
+    for m in _trainer_model(t).modules():
+        inv = getattr(m, "inv_freq", None)
+        if isinstance(inv, torch.Tensor) and inv.dim() == 1 and inv.numel() > 1:
+            old = inv.clone()
+            exponent = torch.arange(inv.numel(), dtype=torch.float64, device=inv.device) / inv.numel()
+            with torch.no_grad():
+                inv.copy_((inv.double() * ROPE_BASE_FACTOR ** (-exponent)).to(inv.dtype))
+            undo.append((inv, old))
+    if not undo:
+        raise ValueError("no rotary embedding (inv_freq) in the trainer's model")
+
+    def back():
+        with torch.no_grad():
+            for inv, old in undo:
+                inv.copy_(old)
+    return back
+
+
+def _norm_eps(t):
+    # every RMSNorm of the trainer uses NORM_EPS where the config says another epsilon
+    undo = []
+    for m in _trainer_model(t).modules():
+        for attr in ("variance_epsilon", "eps"):
+            value = getattr(m, attr, None)
+            if isinstance(value, float) and "norm" in type(m).__name__.lower() and value != NORM_EPS:
+                setattr(m, attr, NORM_EPS)
+                undo.append((m, attr, value))
+    if not undo:
+        raise ValueError(f"no normalisation of the trainer's model has an epsilon other than {NORM_EPS}")
+    return lambda: [setattr(m, attr, v) for m, attr, v in undo]
 
 
 def _standalone_weights(t) -> list[str]:
@@ -325,6 +418,15 @@ FAULTS = {f.name: f for f in (
     Fault("tied_head_stale", "weight_sync", "a tied lm_head keeps its copy of the old embedding after a load",
           live=_tied_head_stale, run_when_na=False),
     Fault("engine_logprob_bias", "mismatch", f"every engine logprob {LOGPROB_BIAS} nats low", live=_logprob_bias),
+    # the unlisted stand-ins: only the generic mismatch check can name them (STAND_INS)
+    Fault("engine_logprob_bias_small", "mismatch", f"every engine logprob {SMALL_LOGPROB_BIAS} nats low",
+          live=_small_logprob_bias),
+    Fault("attention_softcap_one_side", "mismatch", f"the trainer soft-caps attention scores at {ATTENTION_SOFTCAP:g} "
+          "(Gemma 2's), the engine does not", live=_attention_softcap),
+    Fault("rotary_base_differs", "mismatch", f"the trainer's rotary base is {ROPE_BASE_FACTOR:g}x the engine's",
+          live=_rotary_base),
+    Fault("norm_eps_differs", "mismatch", f"the trainer's RMSNorm epsilon is {NORM_EPS:g}, the config's (the "
+          "engine's) another", live=_norm_eps),
     Fault("sampler_filter_dropped", "sampler", "the engine samples from the full vocabulary; the trainer filters",
           settings=_filter_dropped, run_when_na=False),
     # MoE (mixture-of-experts models only)
