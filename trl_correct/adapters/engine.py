@@ -433,6 +433,7 @@ class Engine:
         self.rollout_routing: dict = {}  # prompt + completion ids -> rows, of generate() since the last take_routing()
         self.routing_seconds = 0.0  # worker-side bookkeeping of the in-process capture, accumulated
         self.twin: "Engine | None" = None  # the fp32 twin of the precise probe (fp32_twin), once built
+        self.faulted = False  # testing/faults.py broke this engine's path: the next fault run builds a fresh one
         self._world = (rank, world_size)
         s = settings
         self.rank, self.tp_group, self.tp_ranks = rank, None, [rank]

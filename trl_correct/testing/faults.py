@@ -28,7 +28,7 @@ ATTENTION_SOFTCAP = 50.0
 ROPE_BASE_FACTOR = 1.1  # the trainer's rotary base is 10 % above the config's
 NORM_EPS = 1e-5  # the trainer's RMSNorm epsilon (the stand-in applies where the config's differs)
 GENERIC = ("mismatch", "mismatch_fp32")  # the generic check, on the probe and on the fp32 probe
-STAND_INS = ("engine_logprob_bias_small", "attention_softcap_one_side", "rotary_base_differs", "norm_eps_differs")
+STAND_INS = ("attention_softcap_one_side", "rotary_base_differs", "norm_eps_differs", "engine_logprob_bias_small")
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class Fault:
     trainer_flags: tuple = ()  # recipe flags for a trainer built with the fault (the doctor builds a second one)
     run_when_na: bool = True  # the doctor still shows the row when not applicable (e.g. raw logprobs at T=1 pass)
     moves_probe: bool = True  # False: the probe's logprobs stay at the floor; only the fault's own check can name it
+    trainer_side: bool = False  # True: it changes the trainer only, undone after its run (the engine stays clean)
 
     def named_by(self, causes) -> bool:
         """Whether a gate whose failed checks are `causes` names this fault: its own cause; for the generic
@@ -419,14 +420,14 @@ FAULTS = {f.name: f for f in (
           live=_tied_head_stale, run_when_na=False),
     Fault("engine_logprob_bias", "mismatch", f"every engine logprob {LOGPROB_BIAS} nats low", live=_logprob_bias),
     # the unlisted stand-ins: only the generic mismatch check can name them (STAND_INS)
+    Fault("attention_softcap_one_side", "mismatch", f"the trainer soft-caps attention scores at {ATTENTION_SOFTCAP:g} "
+          "(Gemma 2's), the engine does not", live=_attention_softcap, trainer_side=True),
+    Fault("rotary_base_differs", "mismatch", f"the trainer's rotary base is {ROPE_BASE_FACTOR:g}x the engine's",
+          live=_rotary_base, trainer_side=True),
+    Fault("norm_eps_differs", "mismatch", f"the trainer's RMSNorm epsilon is {NORM_EPS:g}, the config's (the "
+          "engine's) another", live=_norm_eps, trainer_side=True),
     Fault("engine_logprob_bias_small", "mismatch", f"every engine logprob {SMALL_LOGPROB_BIAS} nats low",
           live=_small_logprob_bias),
-    Fault("attention_softcap_one_side", "mismatch", f"the trainer soft-caps attention scores at {ATTENTION_SOFTCAP:g} "
-          "(Gemma 2's), the engine does not", live=_attention_softcap),
-    Fault("rotary_base_differs", "mismatch", f"the trainer's rotary base is {ROPE_BASE_FACTOR:g}x the engine's",
-          live=_rotary_base),
-    Fault("norm_eps_differs", "mismatch", f"the trainer's RMSNorm epsilon is {NORM_EPS:g}, the config's (the "
-          "engine's) another", live=_norm_eps),
     Fault("sampler_filter_dropped", "sampler", "the engine samples from the full vocabulary; the trainer filters",
           settings=_filter_dropped, run_when_na=False),
     # MoE (mixture-of-experts models only)
@@ -498,12 +499,16 @@ def run_with_faults(trainer, names: list[str], base_settings):
     for f in faults:
         if f.settings:
             f.settings(settings, trainer)
-    trainer.replace_engine(settings)
+    # a fresh engine unless the one there is built as asked and no earlier fault touched it (a trainer-side fault is
+    # undone after its run): each rebuild costs an engine's start (minutes at real shape), and its fp32 twin's
+    if settings != trainer.engine.settings or trainer.engine.faulted:
+        trainer.replace_engine(settings)
     run = trainer.full_gate()
     live = [f for f in faults if f.live]
     undo = []
     try:
         if live:
+            trainer.engine.faulted |= not all(f.trainer_side for f in live)
             undo = [u for u in (f.live(trainer) for f in live) if u is not None]
             perturb_weights(trainer)
             run = trainer.full_gate()
