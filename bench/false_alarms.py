@@ -56,7 +56,7 @@ def child(a) -> None:
         trainer.train()
     except GateFailure as e:
         alarm = {"step": trainer.state.global_step, "causes": e.report.causes, "detail": e.report.table()}
-    steps, large = list(trainer.step_records), None
+    steps, large = [r.to_dict() for r in trainer.step_records], None
     if a.large and alarm is None and a.seed == 0:
         trainer.model.train()
         rows = tiny_prompts().select(range(a.large // 4))
@@ -64,7 +64,7 @@ def child(a) -> None:
         trainer._last_loaded_step = -1  # a fresh sync, as a new step would
         try:
             trainer._generate_and_score_completions(prompts)
-            large = trainer.step_records[-1]
+            large = trainer.step_records[-1].to_dict()
         except GateFailure as e:
             alarm = {"step": "large", "causes": e.report.causes, "detail": e.report.table()}
     fixed = calibrate({}, trainer.compute_dtype, trainer.on_gpu).values()

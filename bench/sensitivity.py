@@ -45,10 +45,31 @@ def run_chunk(a, path: str, faults: list[str], work: str, flags: list[str]) -> d
         cmd += ["--inject", f]
     print(f"sensitivity: doctor --calibrate --inject {' '.join(faults)}", file=sys.stderr, flush=True)
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    with open(out[:-5] + ".stderr", "w") as f:
+        f.write(p.stderr)
     if not os.path.exists(out):
         print(f"sensitivity: doctor --calibrate failed for {faults}:\n{p.stderr[-3000:]}", file=sys.stderr)
         return {"error": (p.stderr.strip().splitlines() or ["no output"])[-1], "faults": []}
     return json.load(open(out))
+
+
+def first_gate(stderr: str) -> dict:
+    """The clean gate's phases (seconds, from its progress lines) and the engine builds, read from a doctor's
+    stderr: the phases up to the second `weight sync` line (the first fault's gate), the engines in build order."""
+    import re
+
+    phases, engines, syncs = {}, [], 0
+    for line in stderr.splitlines():
+        if m := re.search(r"building the vLLM engine \(.*, (\w+)\)", line):
+            engines.append([m.group(1), None])
+        elif (m := re.search(r"engine built in ([\d.]+) s", line)) and engines and engines[-1][1] is None:
+            engines[-1][1] = float(m.group(1))
+        elif m := re.search(r"trl-correct gate: (.+) done in ([\d.]+) s", line):
+            syncs += m.group(1).startswith("weight sync")
+            if syncs > 1:
+                break
+            phases[m.group(1)] = phases.get(m.group(1), 0.0) + float(m.group(2))
+    return {"phases": phases, "engines": engines}
 
 
 def main() -> None:
@@ -90,20 +111,27 @@ def main() -> None:
     fixed = d["fixed"]
     floors = d["floors"]
     keys = ("mean_abs_logprob_diff", "p99_abs_logprob_diff", "kl_k3")
-    rows = ["| | mean \\|Δ\\| | p99 \\|Δ\\| | k3 KL | margin over calibrated | margin over fixed | named by |",
-            "|---|---|---|---|---|---|---|"]
+    precise = any(r.get("margin_fp32_probe") is not None for run in good for r in run["faults"])
+    rows = ["| | mean \\|Δ\\| | p99 \\|Δ\\| | k3 KL | margin over calibrated | margin over fixed | "
+            + ("margin, fp32 probe | " if precise else "") + "named by |",
+            "|---|---|---|---|---|---|---|" + ("---|" if precise else "")]
     cleans = [r["clean"]["mismatch"] for r in good]
     share = max(c[k] / r["calibration"]["thresholds"][k]["value"] for r, c in zip(good, cleans) for k in keys)
     share_fixed = max(c[k] / fixed[k] for c in cleans for k in keys)
     clean = d["clean"]["mismatch"]
+    clean_precise = [r.get("clean_margin_fp32_probe") for r in good if r.get("clean_margin_fp32_probe") is not None]
     rows.append(f"| clean probe | {clean['mean_abs_logprob_diff']:.3g} | {clean['p99_abs_logprob_diff']:.3g} | "
-                f"{clean['kl_k3']:.3g} | {share:.2f}x (must be < 1) | {share_fixed:.2f}x | - |")
+                f"{clean['kl_k3']:.3g} | {share:.2f}x (must be < 1) | {share_fixed:.2f}x | "
+                + (f"{max(clean_precise):.2f}x (must be < 1) | " if precise and clean_precise else
+                   ("- | " if precise else "")) + "- |")
     seen, named_all = set(), all(r["verdict"] == "pass" for r in good) and len(good) == len(runs)
     for r in (row for run in good for row in run["faults"]):
         seen.add(r["fault"])
         rows.append(f"| {r['fault']} | {r['mean_abs_logprob_diff']:.3g} | {r['p99_abs_logprob_diff']:.3g} | "
                     f"{r['kl_k3']:.3g} | {r['margin_calibrated']:.3g}x | {r['margin_fixed']:.3g}x | "
-                    f"{', '.join(r['causes'])}{'' if r['named'] else ' (own cause NOT named)'} |")
+                    + (f"{r['margin_fp32_probe']:.3g}x | " if r.get("margin_fp32_probe") is not None else
+                       ("- | " if precise else ""))
+                    + f"{', '.join(r['causes'])}{'' if r['named'] else ' (own cause NOT named)'} |")
     failed = [f"{', '.join(c)}: {r['error']}" for c, r in zip(chunks, runs) if "error" in r]
     skipped = [f for f in wanted if f not in seen and not any(f in x for x in failed)]
     th = " / ".join(f"{cal[k]['value']:.3g}" for k in keys)
@@ -120,6 +148,21 @@ def main() -> None:
              f"**{'yes' if named_all else 'NO'}**."
              + (f" Not applicable here (the doctor skipped them): {', '.join(skipped)}." if skipped else "")
              + (f" Processes that did not finish: {'; '.join(failed)}." if failed else ""))
+    timing = []
+    for c in chunks:
+        path_err = os.path.join(work, "calibrate-" + "+".join(c) + ".stderr")
+        if os.path.exists(path_err):
+            g = first_gate(open(path_err).read())
+            ph = g["phases"]
+            without = sum(v for k, v in ph.items() if k != "fp32 probe")
+            twin = [e for e in g["engines"] if e[0] == "float32"]
+            timing.append(f"{'+'.join(c)}: gate before step 0 {without:.0f} s without the fp32 probe, "
+                          f"{without + ph.get('fp32 probe', 0):.0f} s with it ({(without + ph.get('fp32 probe', 0)) / max(without, 1e-9):.2f}x; "
+                          f"phases: {', '.join(f'{k} {v:.1f} s' for k, v in ph.items())}); engines built: "
+                          f"{', '.join(f'{d} {t:.0f} s' for d, t in g['engines'] if t is not None)}"
+                          + (" (the fp32 twin's build is inside the fp32 probe phase)" if twin else ""))
+    if timing:
+        notes += " Gate time, the clean gate of each process: " + "; ".join(timing) + "."
     append(f"Sensitivity at real shape: {a.model}, {'bf16' if a.bf16 else 'fp32'}", "\n".join(rows), notes,
            None if a.no_append else DOCS)
 
