@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from .head import add_processed_head
 from .routing import RouterTaps, unknown_routers
 from .trl_api import add_fused_lm_head, mark_engine_current, pad_token_id, score, tokenize_prompts
-from .trl_api import dist as trl_dist
+from .trl_api import dist as trl_dist, experts_implementation
 from .weights import scoring_model
 
 # Probe prompts are lengthened to one KV block plus this many tokens when prefix caching is on, so that each holds at
@@ -127,7 +127,10 @@ class PolicySide:
         dtypes = [x.dtype for x in tensors]
         width = max((len(c) for c in completion_ids), default=0)
         out = torch.full((len(completion_ids), width), float("nan"), dtype=torch.float64)
+        experts = experts_implementation(base)
         try:
+            if experts not in (None, "eager"):  # grouped_mm / batched_mm refuse float64
+                base.set_experts_implementation("eager")
             for x in tensors:
                 x.data = x.data.double()
             with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
@@ -153,6 +156,8 @@ class PolicySide:
         finally:
             for x, dt in zip(tensors, dtypes):
                 x.data = x.data.to(dt)
+            if experts not in (None, "eager"):
+                base.set_experts_implementation(experts)
         return out
 
     # -- the subclass hooks ----------------------------------------------------------------------------------------

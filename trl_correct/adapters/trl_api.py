@@ -72,6 +72,9 @@ PRIVATE = (
     Private("Trainer", "_get_output_dir", "method", ("trial",), "where _save_checkpoint wrote", TRANSFORMERS),
     Private("PretrainedConfig", "_attn_implementation", "attribute", (),
             "the attention kernel a model config resolved to (a property, read on instances)", TRANSFORMERS),
+    Private("PretrainedConfig", "_experts_implementation", "attribute", (),
+            "the MoE experts kernel a model config resolved to (grouped_mm refuses float64: the fp64 reference runs "
+            "eager)", TRANSFORMERS),
     Private("trl.trainer.utils", "add_fused_lm_head", "function", ("model", "temperature", "cast_lm_head_to_fp32"),
             "the probe's second temperature re-installs TRL's fused head", TRL),
     Private("trl.trainer.utils", "FusedCausalLMOutput", "class", (), "the processed head returns TRL's output type",
@@ -291,3 +294,9 @@ def patch_method(trainer, name: str, fn) -> Callable[[], None]:
 def attention_implementation(model) -> str | None:
     """The attention kernel `model`'s (text) config resolved to (PretrainedConfig._attn_implementation)."""
     return getattr(model.config.get_text_config(), "_attn_implementation", None)
+
+
+def experts_implementation(model) -> str | None:
+    """The mixture-of-experts kernel `model`'s (text) config resolved to (PretrainedConfig._experts_implementation,
+    transformers >= 5: grouped_mm, batched_mm or eager); None for a model without one."""
+    return getattr(model.config.get_text_config(), "_experts_implementation", None)
