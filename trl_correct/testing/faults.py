@@ -408,8 +408,9 @@ FAULTS = {f.name: f for f in (
     Fault("correction_not_applied", "correction_not_applied", "the loss path drops the importance weights",
           live=_drop_ratio, moves_probe=False),
     Fault("temperature_twice", "temperature", "the trainer divides the logits by the temperature twice",
-          live=_temperature(1)),
-    Fault("temperature_missing", "temperature", "the trainer never applies the temperature", live=_temperature(-1)),
+          live=_temperature(1), trainer_side=True),
+    Fault("temperature_missing", "temperature", "the trainer never applies the temperature", live=_temperature(-1),
+          trainer_side=True),
     Fault("non_finite_logprobs", "non_finite_logprobs", "the engine returns a NaN logprob", live=_nan_logprob,
           moves_probe=False),
     Fault("padding_attended", "trainer_consistency", "the trainer's forward ignores the attention mask (padding "
