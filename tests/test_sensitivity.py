@@ -27,8 +27,9 @@ def floor(mean, n=100):
 def test_the_precision_floor_replaces_the_fixed_fp32_minimum_on_a_cpu():
     floors = {"trainer_vs_itself": floor(6e-7), "fp32_rounding": floor(9e-7)}
     th = calibrate(floors, "float32").thresholds
-    assert th[MEAN].value == pytest.approx(4 * 9e-7) and th[MEAN].source == "calibrated"
-    assert "fp32_rounding" in th[MEAN].rule
+    assert th[MEAN].value == pytest.approx(8 * 9e-7) and th[MEAN].source == "calibrated"  # its factor is doubled
+    assert th[MEAN].rule.startswith("8 x floor") and "fp32_rounding" in th[MEAN].rule
+    assert th[K3].value == pytest.approx(64 * 9e-7 ** 2)
     # without it: the fixed minimum, 140x higher
     assert calibrate({"trainer_vs_itself": floor(6e-7)}, "float32").values()[MEAN] == MINIMUMS["float32"][MEAN]
     # a nil floor still gets a non-zero threshold, and says why

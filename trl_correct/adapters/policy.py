@@ -113,11 +113,14 @@ class PolicySide:
             return "the trainer's weights are sharded (ZeRO-3 / FSDP): no whole float64 copy on one rank"
         return None
 
-    def fp64_logprobs(self, prompt_ids, completion_ids, temperature: float) -> torch.Tensor:
-        """The trainer's logprobs of `completion_ids` computed in float64, one sequence at a time (no padding), through
-        the model's own forward (not TRL's fused head, which casts the head to fp32): the weights are converted to
-        float64 in place for the while and back (fp32 -> fp64 -> fp32 is exact). Returns [B, T] float64, NaN past
-        each completion's end. The precision floor of a float32 trainer (calibrate.py)."""
+    def reference_logprobs(self, prompt_ids, completion_ids, temperature: float,
+                           dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The trainer's logprobs of `completion_ids` through the model's own forward (not TRL's fused head), one
+        sequence at a time (no padding), the logits normalised in `dtype`: a plain implementation, as an engine
+        computes. float64: the weights are converted in place for the while and back (fp32 -> fp64 -> fp32 is
+        exact), the reference the precision floor is measured against. float32 (weights already fp32): the rounding a
+        plain fp32 implementation makes (at vocab 151,936 TRL's fused head rounds 100x less than a plain fp32
+        log-softmax, which is what vLLM's fp32 head does). Returns [B, T] float64, NaN past each completion's end."""
         from ..core.sampler import history, token_logprobs
 
         model = self.model()
@@ -127,12 +130,12 @@ class PolicySide:
         dtypes = [x.dtype for x in tensors]
         width = max((len(c) for c in completion_ids), default=0)
         out = torch.full((len(completion_ids), width), float("nan"), dtype=torch.float64)
-        experts = experts_implementation(base)
+        experts = experts_implementation(base) if dtype == torch.float64 else None
         try:
             if experts not in (None, "eager"):  # grouped_mm / batched_mm refuse float64
                 base.set_experts_implementation("eager")
             for x in tensors:
-                x.data = x.data.double()
+                x.data = x.data.to(dtype)
             with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
                 for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
                     if not c:
@@ -150,7 +153,7 @@ class PolicySide:
                         lp = token_logprobs(hidden, head.weight, head.bias, targets, spec, hist)[0]
                     else:  # the model's own logits (soft-capping, logit scales included) at the temperature
                         logits = type(base).forward(base, input_ids=ids, logits_to_keep=len(c) + 1).logits
-                        lp = torch.log_softmax(logits[0, :-1].double() / temperature, dim=-1)
+                        lp = torch.log_softmax(logits[0, :-1].to(dtype) / temperature, dim=-1)
                         lp = lp.gather(-1, targets[:, None])[:, 0]
                     out[i, :len(c)] = lp.double().cpu()
         finally:

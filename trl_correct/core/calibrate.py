@@ -39,6 +39,10 @@ FLOOR_NAMES = {"trainer_vs_itself": "trainer vs itself (micro-batch vs 1)",
 # model seen) gives way to these absolute ones, which only keep a nil floor from making a zero threshold. Not on a
 # GPU ("float32@cuda"): vLLM's GPU fp32 kernels (6.1e-4 mean on an H100) are not measured against it yet.
 PRECISION_FLOOR = "fp32_rounding"
+# The precision floor is measured on the probe's short completions; training batches (longer, after updates) sat up
+# to 2.9x above it at vocab 151,936 (tiny-v152k: probe 4.6e-5, batches to 1.33e-4, floor 4.6e-5), so its factor is
+# doubled (mean and p99 8x, k3 64x).
+WIDEN = {PRECISION_FLOOR: 2.0}
 PRECISION_MINIMUMS = {"float32": dict(mean_abs_logprob_diff=1e-6, p99_abs_logprob_diff=5e-6, kl_k3=1e-12)}
 
 # Per compute dtype ("float32@cuda" on a GPU, where vLLM's fp32 kernels differ more from HF's).
@@ -104,9 +108,14 @@ class Calibration:
                 "thresholds": {k: asdict(t) for k, t in self.thresholds.items()}}
 
 
-def _floor(floors: dict, stat: str) -> tuple[float, str] | None:
-    """The largest measured floor of `stat` and its name; None when no floor was measured."""
-    measured = [(f[stat], name) for name, f in floors.items() if isinstance(f, dict) and f.get("n_tokens")]
+def _floor(floors: dict, stat: str) -> tuple[float, float, str] | None:
+    """(factor x floor, factor, floor, name) of the measured floor of `stat` that gives the largest threshold; None
+    when no floor was measured. The factor is FACTOR[stat], widened for the precision floor (WIDEN)."""
+    measured = []
+    for name, f in floors.items():
+        if isinstance(f, dict) and f.get("n_tokens"):
+            k = FACTOR[stat] * WIDEN.get(name, 1.0) ** (2 if stat == "kl_k3" else 1)
+            measured.append((k * f[stat], k, f[stat], name))
     return max(measured) if measured else None
 
 
@@ -131,8 +140,7 @@ def calibrate(floors: dict, compute_dtype: str, on_gpu: bool = False, user: dict
             why = "calibration off" if not floors else "no floor measured"
             out[stat] = Threshold(FIXED[key][stat], "fixed", f"fixed {key} value ({why})")
         else:
-            floor, name = found
-            derived = FACTOR[stat] * floor
+            derived, factor, floor, name = found
             precise = key in PRECISION_MINIMUMS and isinstance(floors.get(PRECISION_FLOOR), dict) and floors[
                 PRECISION_FLOOR].get("n_tokens")
             lo = PRECISION_MINIMUMS[key][stat] if precise else MINIMUMS[key][stat]
@@ -141,7 +149,7 @@ def calibrate(floors: dict, compute_dtype: str, on_gpu: bool = False, user: dict
                 value, source = lo, "minimum"
             elif derived > cap:
                 value, source = cap, "cap"
-            rule = f"{FACTOR[stat]:g} x floor {floor:.3g} ({name})"
+            rule = f"{factor:g} x floor {floor:.3g} ({name})"
             if source == "minimum":
                 rule += f" = {derived:.3g}, raised to the {key} {'precision ' if precise else ''}minimum"
             elif source == "cap":
