@@ -440,7 +440,7 @@ class Gate:
         m = mask[:, :width]
         a = summarize_gaps(*valid_gaps(scored[:, :width], exact, m))
         b = summarize_gaps(*valid_gaps(plain[:, :width].to(scored.device), exact, m))
-        return Floors.max_over([{PRECISION_FLOOR: a}, {PRECISION_FLOOR: b}]).to_dict()[PRECISION_FLOOR]
+        return {k: max(a[k], b[k]) if k not in ("n_tokens", "n_nonfinite") else a[k] for k in a}  # the same tokens
 
     def _routing_floor(self, probe: ProbeResult, records: dict) -> dict:
         """The trainer's router top-k of the probe batch against itself scored one sequence at a time, and at its
