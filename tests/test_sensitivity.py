@@ -94,3 +94,16 @@ def test_precise_probe_off_leaves_the_reason_in_the_report(make_trainer):
     assert run.report.check("mismatch_fp32") is None
     assert run.report.mismatch["fp32_probe"] == {"not_run": "precise_probe: off"}
     assert trainer.engine.twin is None
+
+
+def test_a_backend_bias_injected_before_the_twin_exists_reaches_it(make_trainer):
+    # the fp32 twin is built at the first gate: a backend fault put in before it must be in the twin too
+    from trl_correct.testing.faults import inject
+
+    trainer = make_trainer(bf16=True, use_cpu=True)
+    assert trainer.engine.twin is None
+    inject(trainer, "engine_logprob_bias_small")
+    assert trainer.engine.faulted  # the next fault run builds a fresh engine
+    run = trainer.full_gate()
+    assert "mismatch_fp32" in run.report.causes, run.report.table()
+    assert run.report.mismatch["fp32_probe"][MEAN] == pytest.approx(0.01, rel=0.05)

@@ -126,15 +126,16 @@ class CorrectGRPOConfig(GRPOConfig):
     precise_probe: Literal["auto", "on", "off"] = field(default="auto", metadata={
         "help": "bf16/fp16 only: a second probe with both sides in float32 from the same weights (an fp32 twin of "
                 "the engine, built once, eager; the trainer scoring under autocast off), judged against the "
-                "trainer's own fp32 rounding (float64 reference): catches the faults that do not depend on the "
+                "precision floor (fp32 rounding against float64): catches the faults that do not depend on the "
                 "dtype (sampler, temperature, a model quirk or config field read differently, a logprob bias) far "
                 "inside bf16 noise (check mismatch_fp32). auto: on a CPU, one process, no tensor parallelism, up to "
                 "2B parameters. on: wherever it can run. off: never."})
     precision_floor: bool = field(default=True, metadata={
-        "help": "In float32: measure the trainer's own fp32 rounding on the probe (scored again in float64, the "
-                "weights converted in place for the while) and calibrate from it, instead of the fixed fp32 minimum "
-                "(5e-4 mean |Δ|) that hid faults 500x above the healthy gap. On a GPU the float32@cuda minimum "
-                "still applies (vLLM's GPU fp32 kernels are not yet measured against it). false: the fixed minimum."})
+        "help": "In float32: measure the fp32 rounding on the probe (TRL's scoring and a plain fp32 forward "
+                "against float64, the weights converted in place for the while) and calibrate from 8x it, instead "
+                "of the fixed fp32 minimum (5e-4 mean |Δ|) that hid faults 500x above the healthy gap. On a GPU "
+                "the float32@cuda minimum still applies (vLLM's GPU fp32 kernels are not yet measured against it). "
+                "false: the fixed minimum."})
     max_mean_abs_logprob_diff: float | None = field(default=None, metadata={
         "help": "Gate threshold on mean |trainer - engine logprob| (probe and every batch). None: calibrated."})
     max_p99_abs_logprob_diff: float | None = field(default=None, metadata={

@@ -341,11 +341,9 @@ class Gate:
         return Floors.max_over(self.policy.from_every_rank(floors))
 
     def fp32_rounding(self, probe: ProbeResult) -> dict | str:
-        """The precision floor of a float32 trainer: its probe logprobs against the same tokens scored in float64
-        (routing replayed as in the probe). What vLLM's fp32 kernels differ from HF's by is rounding of this size
-        (measured on this CPU: tiny 9.0e-7 mean against the engine's 9e-7; vocab 151,936: 5.0e-5 against 5.8e-5), so
-        it replaces the fixed fp32 minimum (calibrate.py). A string when it cannot be measured here."""
-        why_not = ("precision_floor: false" if not getattr(self.args, "precision_floor", True)
+        """The precision floor of a float32 trainer on the probe's tokens (`precision_floor`, routing replayed as in the
+        probe): it replaces the fixed fp32 minimum (calibrate.py). A string when it cannot be measured here."""
+        why_not = ("precision_floor: false" if not self.args.precision_floor
                    else self.policy.fp64_reference_unavailable())
         if why_not:
             return why_not
@@ -356,7 +354,7 @@ class Gate:
     def precise_unavailable(self) -> str | None:
         """Why the fp32 probe does not run on this trainer; None when it does (config precise_probe)."""
         a = self.args
-        mode = getattr(a, "precise_probe", "auto")
+        mode = a.precise_probe
         if mode == "off":
             return "precise_probe: off"
         if self.compute_dtype == "float32":
@@ -380,14 +378,13 @@ class Gate:
 
     def precise_probe(self, probe: ProbeResult) -> tuple[Check, dict]:
         """The probe again with both sides in float32 from the same weights: the engine's fp32 twin (loaded from the
-        trainer's weights, fingerprint-verified) samples the probe prompts; the trainer scores them with autocast off.
-        Judged by calibrate.py's rule against the trainer's fp32 rounding on these tokens (float64 reference), so a
-        fault that does not depend on the dtype shows far inside bf16 noise. Covers: the sampler, temperature and
-        logprobs mode, the model as each side builds it (config fields, quirks, kernels in fp32), the tokens, the
-        weights as streamed. On the first PRECISE_PROMPTS probe prompts (its margins run 1e3-1e6x, so more tokens buy
-        little; each costs three more forwards). Not: the production engine's dtype-specific behaviour (a bf16 head) or its state (cache,
-        sleep, its own sync): the bf16 probe and the sync fingerprint keep those. Returns the check and its figures
-        (the report's mismatch.fp32_probe)."""
+        trainer's weights, fingerprint-verified) samples the first PRECISE_PROMPTS probe prompts (its margins run
+        1e3-1e6x, so more tokens buy little; each costs three more forwards); the trainer scores them with autocast
+        off. Judged by calibrate.py's rule against the precision floor on these tokens, so a fault that does not
+        depend on the dtype shows far inside bf16 noise. Covers: the sampler, temperature and logprobs mode, the model
+        as each side builds it (config fields, quirks, kernels in fp32), the tokens, the weights as streamed. Not: the
+        production engine's dtype-specific behaviour (a bf16 head) or its state (cache, sleep, its own sync): the
+        bf16 probe and the sync fingerprint keep those. Returns the check and its figures (mismatch.fp32_probe)."""
         twin = self.engine.fp32_twin()
         stale = twin.sync_weights()
         label = "fp32 probe (both sides float32, same weights)"

@@ -108,8 +108,8 @@ def main(a, recipe_flags: list[str]) -> int:
     print(f"\nclean probe: {_fmt(clean_margin)}x of the calibrated thresholds (must stay below 1)")
     clean_precise = _precise_margin(clean.report.mismatch)
     if clean_precise is not None or (clean.report.mismatch or {}).get("fp32_probe"):
-        print(f"clean fp32 probe: {_fmt(clean_precise)}x of its thresholds (must stay below 1)"
-              + ("" if clean_precise is not None else f"; not run: {clean.report.mismatch['fp32_probe'].get('not_run')}"))
+        why = "" if clean_precise is not None else f"; not run: {clean.report.mismatch['fp32_probe'].get('not_run')}"
+        print(f"clean fp32 probe: {_fmt(clean_precise)}x of its thresholds (must stay below 1){why}")
 
     snippet = yaml_snippet(pinned, floors, trainer)
     with open(a.yaml, "w") as f:

@@ -14,10 +14,11 @@ grows with the square of the gap. Measured healthy gap / floor (probe, CPU): tin
 (p99); tiny bf16 1.3-1.6 (mean), 0.9-1.5 (p99), 1.8-2.8 (k3); Qwen2.5-0.5B shape bf16 1.25 / 1.14 / 1.4 — so 4 leaves
 >= 2.5x headroom (k3: >= 5.7x) and a fault that moves the gap 3-4x fails. MINIMUMS: below them a difference is at
 the dtype's resolution (bf16: 2^-8 relative) or within what vLLM's kernels are measured to differ from HF's in fp32
-(CPU at vocab 151,936: 5.8e-5 mean, batches up to 1.2e-4; H100: 6.1e-4 mean). In float32 on a CPU the trainer's own
-rounding against float64 is measured instead (`PRECISION_FLOOR`), and only the tiny `PRECISION_MINIMUMS` remain. CAPS: values no healthy run reached
-on any model measured (docs/BENCHMARKS.md); a large floor never lifts a threshold past them. The max |Δlogp| grows
-with the number of tokens scored, so it is never calibrated: it only alarms above the catastrophic cap.
+(CPU at vocab 151,936: 5.8e-5 mean, batches up to 1.2e-4; H100: 6.1e-4 mean). In float32 on a CPU the fp32
+rounding against float64 is measured instead (`PRECISION_FLOOR`), and only the tiny `PRECISION_MINIMUMS` remain.
+CAPS: values no healthy run reached on any model measured (docs/BENCHMARKS.md); a large floor never lifts a threshold
+past them. The max |Δlogp| grows with the number of tokens scored, so it is never calibrated: it only alarms above the
+catastrophic cap.
 
 Thresholds the user sets win. Where no floor can be measured (calibrate: false, no probe tokens) the fixed per-dtype
 values of `FIXED` are used, and the table says so. Pure: no torch, vLLM or TRL.
@@ -32,12 +33,13 @@ DECIDING = (*CALIBRATED, CAP_ONLY)
 FACTOR = {"mean_abs_logprob_diff": 4.0, "p99_abs_logprob_diff": 4.0, "kl_k3": 16.0}
 FLOOR_NAMES = {"trainer_vs_itself": "trainer vs itself (micro-batch vs 1)",
                "dtype_rounding": "trainer at its compute dtype vs in fp32",
-               "fp32_rounding": "trainer in fp32 vs in fp64"}
-# The precision floor: a float32 trainer's own rounding, measured against float64 on the probe (gate.fp32_rounding).
-# vLLM's fp32 kernels differ from HF's by rounding of that size (CPU, measured: tiny 9.0e-7 mean against the engine's
-# 9e-7; vocab 151,936: 5.0e-5 against 5.8e-5), so where it is measured the fixed float32 minimum (set for the worst
-# model seen) gives way to these absolute ones, which only keep a nil floor from making a zero threshold. Not on a
-# GPU ("float32@cuda"): vLLM's GPU fp32 kernels (6.1e-4 mean on an H100) are not measured against it yet.
+               "fp32_rounding": "trainer's scoring and a plain fp32 forward vs in fp64"}
+# The precision floor: the rounding of two fp32 implementations (TRL's scoring and a plain fp32 forward) against
+# float64 on the probe, the larger (gate.precision_floor). vLLM's fp32 kernels differ from HF's by rounding of that
+# size (CPU, measured: tiny 9.0e-7 mean against the engine's 9e-7; vocab 151,936: 5.0e-5 against 4.6e-5), so where
+# it is measured the fixed float32 minimum (set for the worst model seen) gives way to these absolute ones, which only
+# keep a nil floor from making a zero threshold. Not on a GPU ("float32@cuda"): vLLM's GPU fp32 kernels (6.1e-4 mean on
+# an H100) are not measured against it yet.
 PRECISION_FLOOR = "fp32_rounding"
 # The precision floor is measured on the probe's short completions; training batches (longer, after updates) sat up
 # to 2.9x above it at vocab 151,936 (tiny-v152k: probe 4.6e-5, batches to 1.33e-4, floor 4.6e-5), so its factor is
@@ -126,6 +128,8 @@ def calibrate(floors: dict, compute_dtype: str, on_gpu: bool = False, user: dict
     ({statistic: value}); they win."""
     key = dtype_key(compute_dtype, on_gpu)
     user = {k: v for k, v in (user or {}).items() if v is not None}
+    measured = floors.get(PRECISION_FLOOR)
+    precise = key in PRECISION_MINIMUMS and isinstance(measured, dict) and bool(measured.get("n_tokens"))
     out = {}
     for stat in DECIDING:
         cap = CAPS[key][stat]
@@ -141,8 +145,6 @@ def calibrate(floors: dict, compute_dtype: str, on_gpu: bool = False, user: dict
             out[stat] = Threshold(FIXED[key][stat], "fixed", f"fixed {key} value ({why})")
         else:
             derived, factor, floor, name = found
-            precise = key in PRECISION_MINIMUMS and isinstance(floors.get(PRECISION_FLOOR), dict) and floors[
-                PRECISION_FLOOR].get("n_tokens")
             lo = PRECISION_MINIMUMS[key][stat] if precise else MINIMUMS[key][stat]
             value, source = derived, "calibrated"
             if derived < lo:

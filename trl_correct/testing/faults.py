@@ -115,17 +115,23 @@ def _tied_head_stale(t):
 
 
 def _logprob_bias(t, bias: float = LOGPROB_BIAS):
-    # a property of the backend: its fp32 twin (the precise probe's, when built) returns the same bias
-    for engine in (t.engine, t.engine.twin):
-        if engine is None:
-            continue
+    # a property of the backend: its fp32 twin (the precise probe's) returns the same bias, built now or later
+    def biased(engine):
         real = engine.sample
 
-        def sample(*args, real=real, **kwargs):  # every logprob `bias` nats low (e.g. renormalised over a top-p mass)
+        def sample(*args, **kwargs):  # every logprob `bias` nats low (e.g. renormalised over a top-p mass)
             ids, lps = real(*args, **kwargs)
             return ids, [[x - bias for x in s] for s in lps]
 
         engine.sample = sample
+        return engine
+
+    engine = biased(t.engine)
+    if engine.twin is not None:
+        biased(engine.twin)
+    else:
+        build = engine.fp32_twin
+        engine.fp32_twin = lambda: engine.twin or biased(build())
 
 
 def _small_logprob_bias(t):
@@ -463,7 +469,10 @@ def inject(trainer, name: str, at_step: int | None = None):
             settings = copy.deepcopy(trainer.engine.settings)
             fault.settings(settings, trainer)
             trainer.replace_engine(settings)
-        return fault.live(trainer) if fault.live else None
+        if not fault.live:
+            return None
+        trainer.engine.faulted |= not fault.trainer_side  # a later fault run builds a fresh engine
+        return fault.live(trainer)
 
     if at_step is None:
         return apply()
