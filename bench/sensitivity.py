@@ -37,7 +37,7 @@ def run_chunk(a, path: str, faults: list[str], work: str, flags: list[str]) -> d
     """One `doctor --calibrate` process for `faults`; its JSON stays in `work`, where main() finds it on a rerun."""
     out = os.path.join(work, "calibrate-" + "+".join(faults) + ".json")
     cmd = [sys.executable, "-m", "trl_correct.cli", "doctor", "--config", "recipes/tiny.yaml", "--calibrate",
-           "--json", out, "--yaml", out[:-5] + ".yaml", "--model_name_or_path", path,
+           "--json", out, "--yaml", out[:-5] + ".yaml", "--model_name_or_path", path, "--per-process", "0",
            "--output_dir", os.path.join(work, "run"), "--max_completion_length", "32", "--vllm_kv_cache_gib", "1",
            *(["--bf16", "true"] if a.bf16 else []), *(["--use_cpu", "true"] if a.bf16 and not on_gpu() else []),
            *flags]

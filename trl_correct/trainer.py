@@ -162,7 +162,9 @@ class CorrectGRPOTrainer(GRPOTrainer):
         return self.full_gate().report
 
     def full_gate(self) -> GateRun:
-        return self.gate.before_training(self.state.global_step)
+        run = self.gate.before_training(self.state.global_step)
+        self.engine.gated = True
+        return run
 
     def sync_engine(self) -> Check:
         """Push the trainer's weights into the engine now and verify them (the weight_sync check); TRL's own sync

@@ -434,6 +434,7 @@ class Engine:
         self.routing_seconds = 0.0  # worker-side bookkeeping of the in-process capture, accumulated
         self.twin: "Engine | None" = None  # the fp32 twin of the precise probe (fp32_twin), once built
         self.faulted = False  # testing/faults.py broke this engine's path: the next fault run builds a fresh one
+        self.gated = False  # a full gate has run on this engine (testing/faults.py: no second clean gate needed)
         self._world = (rank, world_size)
         s = settings
         self.rank, self.tp_group, self.tp_ranks = rank, None, [rank]

@@ -25,6 +25,7 @@ import sys
 
 from . import ArgumentParser, guarded
 from ..testing.faults import FAULTS, run_with_faults
+from .doctor_calibrate import _precise_margin
 from ..core.numerics import MISMATCH_KEYS
 
 MISMATCH_OUT = [k for k in MISMATCH_KEYS if k != "n_nonfinite"]
@@ -37,6 +38,9 @@ def _row(setting: str, run, note: str = "") -> dict:
            "verdict": "pass" if report.passed else "fail", "causes": report.causes}
     if note:
         row["note"] = note
+    precise = _precise_margin(m)
+    if precise is not None:  # bf16/fp16: how far the generic check on the fp32 probe sees this setting
+        row["margin_fp32_probe"] = precise
     row["_gaps"] = gaps
     return row
 
@@ -128,21 +132,87 @@ def default_per_process(recipe_argv: list[str]) -> int:
     return 1 if size > BIG_MODEL_BYTES else 0
 
 
-def in_processes(a, recipe_argv: list[str], settings: list[str], n: int) -> int:
-    """The doctor over `settings`, `n` at a time, each group in a child doctor process of its own (its own engine and
-    clean gate), the tables merged: the clean and floor rows of the first child, then every setting's row. One line
-    per group on stderr as it finishes, with the seconds it took."""
+def build_for(recipe_argv: list[str], first: str | None):
+    """The recipe's trainer, its engine built at once with the engine settings of fault `first` when it has some (a
+    child doctor process whose first setting rebuilds the engine would otherwise start two engines: minutes each at
+    real shape); `trainer.clean_settings` are the recipe's own."""
+    import copy
+
+    from ..trainer import CorrectGRPOTrainer
+    from .train import build_trainer
+
+    fault = FAULTS.get(first)
+    if fault is None or fault.settings is None or fault.trainer_flags:
+        trainer = build_trainer(recipe_argv)
+        trainer.clean_settings = copy.deepcopy(trainer.engine.settings)
+        return trainer
+
+    class Faulted(CorrectGRPOTrainer):
+        def engine_settings(self):
+            s = super().engine_settings()
+            if self.engine is None:  # the first build only
+                self.clean_settings = copy.deepcopy(s)
+                fault.settings(s, self)
+            return s
+
+    return build_trainer(recipe_argv, trainer_class=Faulted)
+
+
+def engine_groups(settings: list[str], n: int) -> list[list[str]]:
+    """`settings` split over child processes, `n` that build or break an engine in each group; the settings that
+    leave the engine as built (trainer-side faults, undone after their run) all join the first group, ahead of its
+    others, so they reuse its engine and its clean gate instead of starting one each."""
+    def reuses(s):
+        f = FAULTS.get(s)
+        return f is not None and f.trainer_side and f.settings is None and not f.trainer_flags
+
+    reuse = [s for s in settings if reuses(s)]
+    rest = [s for s in settings if not reuses(s)]
+    groups = [rest[i:i + n] for i in range(0, len(rest), n)] or [[]]
+    groups[0] = reuse + groups[0]
+    return groups
+
+
+def skipped(trainer, names, calibrating: bool = False) -> dict:
+    """Of `names`, the settings that cannot show on this trainer and are not run (the doctor's n/a rows; with
+    `calibrating`, every fault not applicable): {name: why}. The first child reports them, so that no later one
+    starts an engine only to say n/a."""
+    out = {}
+    for n in names:
+        f = FAULTS.get(n)
+        why = f.not_applicable(trainer) if f is not None else None
+        if why and (calibrating or f.trainer_flags or not f.run_when_na):
+            out[n] = why
+    return out
+
+
+def in_children(argv: list[str], groups: list[list[str]], what: str) -> list[dict] | int:
+    """Run `argv` + `--only GROUP --json OUT` once per group, one child process at a time (the first runs the clean
+    gate and says which later settings are n/a, `skipped`; the others run `--no-clean`, without those); their JSON
+    reports in order, or the exit code of a child that wrote none (its stderr passed on). One line per child on
+    stderr as it finishes, with the seconds it took."""
     import subprocess
     import tempfile
     import time
 
-    groups = [settings[i:i + n] for i in range(0, len(settings), n)]
     children, start = [], time.perf_counter()
     with tempfile.TemporaryDirectory() as work:
         for i, group in enumerate(groups):
+            if i == 1:  # what the first child found n/a needs no engine of its own
+                na = children[0].get("na", {})
+                groups[1:] = [g for g in ([s for s in g if s not in na] for g in groups[1:]) if g]
+                if na:
+                    print(f"trl-correct doctor{what}: n/a here, no process started: {', '.join(na)}",
+                          file=sys.stderr, flush=True)
+                if len(groups) == 1:
+                    break
+                group = groups[1]
             out = os.path.join(work, f"{i}.json")
-            cmd = [sys.executable, "-m", "trl_correct.cli.doctor", *recipe_argv, "--per-process", "0", "--only",
-                   *group, "--json", out, *(["--selftest"] if a.selftest else [])]
+            later = [s for g in groups[1:] for s in g] if i == 0 else []
+            cmd = [sys.executable, "-m", "trl_correct.cli.doctor", *argv, "--per-process", "0", "--only", *group,
+                   "--json", out, *(["--no-clean"] if i else []), *(["--na-check", *later] if later else [])]
+            print(f"trl-correct doctor{what}: process {i + 1}/{len(groups)}: {', '.join(group) or 'clean gate'} ...",
+                  file=sys.stderr, flush=True)
             t0 = time.perf_counter()
             p = subprocess.run(cmd, capture_output=True, text=True)
             if not os.path.exists(out):  # the child failed before its report: its own one line (or traceback)
@@ -150,12 +220,26 @@ def in_processes(a, recipe_argv: list[str], settings: list[str], n: int) -> int:
                 return p.returncode or 1
             with open(out) as f:
                 children.append(json.load(f))
-            print(f"trl-correct doctor: {i + 1}/{len(groups)} ({', '.join(group)}) done in "
-                  f"{time.perf_counter() - t0:.0f} s ({time.perf_counter() - start:.0f} s in all)", file=sys.stderr,
-                  flush=True)
+            print(f"trl-correct doctor{what}: process {i + 1}/{len(groups)} done in {time.perf_counter() - t0:.0f} s "
+                  f"({time.perf_counter() - start:.0f} s in all)", file=sys.stderr, flush=True)
+    return children
+
+
+def in_processes(a, recipe_argv: list[str], settings: list[str], n: int) -> int:
+    """The doctor over `settings` in child doctor processes (engine_groups: `n` engines each), the tables merged:
+    the clean and floor rows of the first child (the only one that runs the clean gate), then every setting's row in
+    the order asked."""
+    children = in_children([*recipe_argv, *(["--selftest"] if a.selftest else [])], engine_groups(settings, n), "")
+    if isinstance(children, int):
+        return children
     first = children[0]
-    rows = first["ablation"][:2] + [r for c in children for r in c["ablation"][2:]]
-    clean_passed = all(c["clean_passed"] for c in children)
+    order = {s: i for i, s in enumerate(settings)}
+    na = first.get("na", {})
+    rows = first["ablation"][:2] + sorted(
+        [*(r for c in children for r in c["ablation"][c["clean_rows"]:]),
+         *({k: v for k, v in _blank_row(n, "n/a", why).items() if not k.startswith("_")} for n, why in na.items())],
+        key=lambda r: order[r["setting"] if r["setting"] in order else "async_scheduling"])
+    clean_passed = first["clean_passed"]
     out = {k: first[k] for k in ("verdict", "checks", "causes", "mismatch")}
     out["ablation"] = rows
     print(first["gate_table"])
@@ -163,7 +247,9 @@ def in_processes(a, recipe_argv: list[str], settings: list[str], n: int) -> int:
     print(table(rows))
     ok = clean_passed
     if a.selftest:
-        out["selftest"] = [s for c in children for s in c["selftest"]]
+        out["selftest"] = sorted([*(s for c in children for s in c["selftest"]),
+                                  *({"fault": n, "detected": None, "causes": [], "expected": FAULTS[n].cause,
+                                     "note": why} for n, why in na.items())], key=lambda s: order[s["fault"]])
         ok = clean_passed and _print_selftest(out["selftest"])
     if a.json:
         with open(a.json, "w") as f:
@@ -178,7 +264,8 @@ def _print_selftest(entries: list[dict]) -> bool:
     print("\nselftest: fault -> detected -> causes")
     for s in entries:
         mark = "n/a" if s["detected"] is None else ("yes" if s["detected"] else "NO")
-        print(f"  {s['fault']:<20} {mark:<4} {', '.join(s['causes']) or '-'}  (expected {s['expected']})")
+        precise = f"; fp32 probe at {s['margin_fp32_probe']:.3g}x its thresholds" if "margin_fp32_probe" in s else ""
+        print(f"  {s['fault']:<20} {mark:<4} {', '.join(s['causes']) or '-'}  (expected {s['expected']}{precise})")
     ok = all(s["detected"] is not False for s in entries)
     print(f"selftest {'PASSED' if ok else 'FAILED'}")
     return ok
@@ -246,11 +333,14 @@ def main(argv: list[str] | None = None) -> int:
                                                              "fault's margin over them, write a recipe snippet")
     ap.add_argument("--yaml", default="calibration.yaml", help="with --calibrate: where the recipe snippet goes")
     ap.add_argument("--per-process", type=int, default=None, metavar="N",
-                    help="run the ablated settings N at a time, each group in a process of its own with its own "
-                         "engine (vLLM does not give back an engine's memory in the process that built it); 0: all "
-                         f"in this process. Default: 1 for a model whose weights exceed {BIG_MODEL_BYTES // 2**20} MB, "
-                         "else 0")
-    ap.add_argument("--only", nargs="+", default=None, help=argparse.SUPPRESS)  # a child's share of the settings
+                    help="(--selftest, --calibrate, the ablation) child processes, N settings that build or break an "
+                         "engine in each (vLLM does not give back an engine's memory in the process that built it); "
+                         "the faults that change the trainer only share the first child's engine and clean gate; 0: "
+                         f"all in this process. Default: 1 for a model whose weights exceed {BIG_MODEL_BYTES // 2**20} "
+                         "MB, else 0")
+    ap.add_argument("--only", nargs="*", default=None, help=argparse.SUPPRESS)  # a child's share of the settings
+    ap.add_argument("--no-clean", action="store_true", help=argparse.SUPPRESS)  # a later child: no clean gate
+    ap.add_argument("--na-check", nargs="*", default=[], help=argparse.SUPPRESS)  # the first child: later settings
     a, recipe_flags = ap.parse_known_args(argv)
     if a.calibrate:
         from .doctor_calibrate import main as calibrate_main
@@ -265,8 +355,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm import tqdm
 
-    from .train import build_trainer
-
     recipe_argv = ["--config", a.config, *recipe_flags]
     listed = [f for f in FAULTS if f in a.inject] if subset else [*FAULTS, "async_scheduling"]
     settings = a.only if a.only is not None else listed if (a.selftest or not a.inject) else []
@@ -274,14 +362,18 @@ def main(argv: list[str] | None = None) -> int:
     per_process = a.per_process if a.per_process is not None else default_per_process(recipe_argv)
     if per_process > 0 and a.only is None and not injected_gate and settings:
         return in_processes(a, recipe_argv, settings, per_process)
-    trainer = build_trainer(recipe_argv)
-    base = copy.deepcopy(trainer.engine.settings)
+    # a later child's engine starts as its first setting needs it (there is no clean gate to run on it first)
+    trainer = build_for(recipe_argv, settings[0] if a.no_clean and settings else None)
+    base = copy.deepcopy(trainer.clean_settings)
     with tqdm(total=1 + len(settings) + injected_gate, desc="probing default", file=sys.stderr) as progress:
-        clean_run = trainer.full_gate()
-        clean = clean_run.report
-        rows = [_row("default (trl-correct)", clean_run), _floor_row(clean_run)]
+        clean = rows = None
+        if not a.no_clean:
+            clean_run = trainer.full_gate()
+            clean = clean_run.report
+            rows = [_row("default (trl-correct)", clean_run), _floor_row(clean_run)]
         progress.update(1)
-        rows += ablate(trainer, settings, base, progress, recipe_argv)
+        clean_rows = len(rows or [])
+        rows = (rows or []) + ablate(trainer, settings, base, progress, recipe_argv)
         report = clean
         if injected_gate:
             progress.set_description(f"probing with {'+'.join(a.inject)}")
@@ -290,15 +382,18 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(_row("injected: " + "+".join(a.inject), injected))
             progress.update(1)
 
-    out = {"verdict": "pass" if report.passed else "fail", "checks": report.to_dict()["checks"],
-           "causes": report.causes, "mismatch": {k: report.mismatch.get(k) for k in MISMATCH_OUT},
-           "ablation": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]}
+    out = {"ablation": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]}
+    if report is not None:
+        out = {"verdict": "pass" if report.passed else "fail", "checks": report.to_dict()["checks"],
+               "causes": report.causes, "mismatch": {k: report.mismatch.get(k) for k in MISMATCH_OUT}, **out}
+        print(report.table())
+        print()
     if a.only is not None:  # a child of in_processes: what the parent merges
-        out.update(clean_passed=clean.passed, gate_table=report.table())
-    print(report.table())
-    print()
+        out.update(clean_rows=clean_rows, clean_passed=clean.passed if clean else None,
+                   gate_table=report.table() if report else None, na=skipped(trainer, a.na_check))
     print(table(rows))
-    ok = report.passed if not injected_gate else all(FAULTS[n].named_by(report.causes) for n in a.inject)
+    ok = (report is None or report.passed) if not injected_gate else all(FAULTS[n].named_by(report.causes)
+                                                                         for n in a.inject)
     if a.selftest:
         by_name = {r["setting"]: r for r in rows}
         out["selftest"] = []
@@ -308,8 +403,9 @@ def main(argv: list[str] | None = None) -> int:
             na = fault.not_applicable(trainer)
             detected = None if na else fault.named_by(r["causes"])
             out["selftest"].append({"fault": name, "detected": detected, "causes": r["causes"],
-                                    "expected": fault.cause, **({"note": na} if na else {})})
-        ok = _print_selftest(out["selftest"]) and clean.passed
+                                    "expected": fault.cause, **({"note": na} if na else {}),
+                                    **{k: r[k] for k in ("margin_fp32_probe",) if k in r}})
+        ok = _print_selftest(out["selftest"]) and (clean is None or clean.passed)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=2, default=str)

@@ -13,6 +13,10 @@
    values, and whether the fault's own check named it.
 4. Writes a recipe snippet (YAML) pinning the derived thresholds, with the floors and the rule as comments.
 
+With --per-process N (default: 1 for a model over 400 MB of weights, as the selftest) the faults run in child
+processes of at most N engines each, the first of which also runs steps 1-2 (vLLM does not give back an engine's
+memory in the process that built it); the tables are merged.
+
 Exit code: 0 when the clean gate passes and every applicable fault is named by its own cause, 1 otherwise.
 """
 
@@ -44,54 +48,87 @@ def _precise_margin(mismatch: dict) -> float | None:
 
 
 def main(a, recipe_flags: list[str]) -> int:
-    from .train import build_trainer
+    from .doctor import default_per_process, engine_groups, in_children
 
-    trainer = build_trainer(["--config", a.config, *recipe_flags])
-    base = copy.deepcopy(trainer.engine.settings)
-    print("trl-correct doctor --calibrate: clean gate ...", file=sys.stderr, flush=True)
-    clean = trainer.full_gate()
-    print(clean.report.table())
-    floors = clean.floors.to_dict()
-    if clean.probe is not None:
-        floors["engine_vs_itself"] = trainer.gate.engine_floor(clean.probe)
-    runtime = trainer.gate.calibration
-    a_dtype, on_gpu = trainer.compute_dtype, trainer.on_gpu
-    pinned = calibrate(floors if trainer.args.calibrate else {}, a_dtype, on_gpu, user=trainer.args.user_thresholds(),
-                       bit_exact=trainer.args.bit_exact)
-    fixed = calibrate({}, a_dtype, on_gpu).values()
-    cal = pinned.values()
+    recipe_argv = ["--config", a.config, *recipe_flags]
+    if a.only is not None:  # a child process of the one below: measure its share, report as JSON
+        data = measure(recipe_argv, a.only, clean=not a.no_clean, na_check=a.na_check)
+        with open(a.json, "w") as f:
+            json.dump(data, f, default=str)
+        return 0
+    names = [n for n in calibration_faults() if not a.inject or n in a.inject]
+    per_process = a.per_process if a.per_process is not None else default_per_process(recipe_argv)
+    if per_process <= 0:
+        return render(a, measure(recipe_argv, names, clean=True))
+    children = in_children([*recipe_argv, "--calibrate"], engine_groups(names, per_process), " --calibrate")
+    if isinstance(children, int):
+        return children
+    data = children[0]
+    data["rows"] = sorted((r for c in children for r in c["rows"]), key=lambda r: names.index(r["fault"]))
+    return render(a, data)
 
-    print("\nfloors (what a healthy implementation differs by on this model and machine):")
-    print("| floor | mean |Δ| | p99 |Δ| | max |Δ| | k3 KL | tokens |")
-    print("|---|---|---|---|---|---|")
-    for name, f in floors.items():
-        if isinstance(f, dict):
-            print(f"| {name} | {_fmt(f['mean_abs_logprob_diff'])} | {_fmt(f['p99_abs_logprob_diff'])} | "
-                  f"{_fmt(f['max_abs_logprob_diff'])} | {_fmt(f['kl_k3'])} | {f['n_tokens']} |")
-        else:
-            print(f"| {name} | not measured: {f} | | | | |")
-    print("\nthresholds (rule: calibrate.py; the engine floor is included here, the gate itself uses the trainer's):")
-    print("| statistic | derived | source | rule | gate's own | fixed |")
-    print("|---|---|---|---|---|---|")
-    for k, t in pinned.thresholds.items():
-        print(f"| {SHORT[k]} | {_fmt(t.value)} | {t.source} | {t.rule} | {_fmt(runtime.values()[k])} | "
-              f"{_fmt(fixed[k])} |")
 
-    rows, ok = [], clean.report.passed
-    for name in calibration_faults():
+def measure(recipe_argv: list[str], names: list[str], clean: bool = True, na_check=()) -> dict:
+    """Build the recipe's trainer; with `clean`, gate it clean and derive the floors and thresholds (the text of
+    their tables under "head"); then inject each applicable fault of `names` in turn. JSON-able: a child process
+    writes it, the parent renders it; "na": those of `na_check` not applicable here (doctor.in_children)."""
+    from .doctor import build_for, skipped
+
+    trainer = build_for(recipe_argv, None if clean or not names else names[0])
+    base = copy.deepcopy(trainer.clean_settings)
+    data: dict = {"rows": [], "na": skipped(trainer, na_check, calibrating=True)}
+    if clean:
+        print("trl-correct doctor --calibrate: clean gate ...", file=sys.stderr, flush=True)
+        run = trainer.full_gate()
+        floors = run.floors.to_dict()
+        if run.probe is not None:
+            floors["engine_vs_itself"] = trainer.gate.engine_floor(run.probe)
+        a_dtype, on_gpu = trainer.compute_dtype, trainer.on_gpu
+        pinned = calibrate(floors if trainer.args.calibrate else {}, a_dtype, on_gpu,
+                           user=trainer.args.user_thresholds(), bit_exact=trainer.args.bit_exact)
+        fixed = calibrate({}, a_dtype, on_gpu).values()
+        runtime = trainer.gate.calibration.values()
+        head = [run.report.table(), "",
+                "floors (what a healthy implementation differs by on this model and machine):",
+                "| floor | mean |Δ| | p99 |Δ| | max |Δ| | k3 KL | tokens |", "|---|---|---|---|---|---|"]
+        for name, f in floors.items():
+            if isinstance(f, dict):
+                head.append(f"| {name} | {_fmt(f['mean_abs_logprob_diff'])} | {_fmt(f['p99_abs_logprob_diff'])} | "
+                            f"{_fmt(f['max_abs_logprob_diff'])} | {_fmt(f['kl_k3'])} | {f['n_tokens']} |")
+            else:
+                head.append(f"| {name} | not measured: {f} | | | | |")
+        head += ["", "thresholds (rule: calibrate.py; the engine floor is included here, the gate itself uses the "
+                     "trainer's):", "| statistic | derived | source | rule | gate's own | fixed |",
+                 "|---|---|---|---|---|---|"]
+        for k, t in pinned.thresholds.items():
+            head.append(f"| {SHORT[k]} | {_fmt(t.value)} | {t.source} | {t.rule} | {_fmt(runtime[k])} | "
+                        f"{_fmt(fixed[k])} |")
+        data.update(head="\n".join(head), clean=run.report.to_dict(), clean_passed=run.report.passed,
+                    clean_mismatch=run.report.mismatch, floors=floors, calibration=pinned.to_dict(),
+                    cal=pinned.values(), fixed=fixed, snippet=yaml_snippet(pinned, floors, trainer))
+    for name in names:
         fault = FAULTS[name]
-        why_not = fault.not_applicable(trainer)
-        if why_not or (a.inject and name not in a.inject):
+        if fault.not_applicable(trainer):
             continue
         print(f"trl-correct doctor --calibrate: injecting {name} ...", file=sys.stderr, flush=True)
-        run = run_with_faults(trainer, [name], base)
-        m = run.report.mismatch
-        named = fault.named_by(run.report.causes)
-        ok &= named
-        rows.append({"fault": name, **{k: m.get(k) for k in (*CALIBRATED, CAP_ONLY)}, "named": named,
-                     "causes": run.report.causes, "margin_calibrated": _margin(m, cal) if m else None,
-                     "margin_fixed": _margin(m, fixed) if m else None, "margin_fp32_probe": _precise_margin(m)})
+        m = run_with_faults(trainer, [name], base).report
+        data["rows"].append({"fault": name, "named": fault.named_by(m.causes), "causes": m.causes,
+                             "mismatch": m.mismatch})
     # no engine rebuilt with `base` here: the process ends with this command, and each rebuild costs an engine's start
+    return data
+
+
+def render(a, data: dict) -> int:
+    """Print the tables of measure()'s `data`, write the recipe snippet (and --json); the exit code."""
+    cal, fixed = data["cal"], data["fixed"]
+    print(data["head"])
+    rows, ok = [], data["clean_passed"]
+    for r in data["rows"]:
+        m = r["mismatch"]
+        ok &= r["named"]
+        rows.append({"fault": r["fault"], **{k: (m or {}).get(k) for k in (*CALIBRATED, CAP_ONLY)},
+                     "named": r["named"], "causes": r["causes"], "margin_calibrated": _margin(m, cal) if m else None,
+                     "margin_fixed": _margin(m, fixed) if m else None, "margin_fp32_probe": _precise_margin(m)})
 
     print("\nfaults that move the probe: margin = largest fault/threshold over mean, p99, k3 (> 1: the generic "
           "mismatch check alone catches it)")
@@ -104,22 +141,22 @@ def main(a, recipe_flags: list[str]) -> int:
               f"{_fmt(r['kl_k3'])} | {_fmt(r['margin_calibrated'])}x | {_fmt(r['margin_fixed'])}x | "
               + (f"{_fmt(r['margin_fp32_probe'])}x | " if precise else "")
               + f"{'yes' if r['named'] else 'NO'} ({', '.join(r['causes'])}) |")
-    clean_margin = _margin(clean.report.mismatch, cal) if clean.report.mismatch else None
+    clean_m = data["clean_mismatch"]
+    clean_margin = _margin(clean_m, cal) if clean_m else None
     print(f"\nclean probe: {_fmt(clean_margin)}x of the calibrated thresholds (must stay below 1)")
-    clean_precise = _precise_margin(clean.report.mismatch)
-    if clean_precise is not None or (clean.report.mismatch or {}).get("fp32_probe"):
-        why = "" if clean_precise is not None else f"; not run: {clean.report.mismatch['fp32_probe'].get('not_run')}"
+    clean_precise = _precise_margin(clean_m)
+    if clean_precise is not None or (clean_m or {}).get("fp32_probe"):
+        why = "" if clean_precise is not None else f"; not run: {clean_m['fp32_probe'].get('not_run')}"
         print(f"clean fp32 probe: {_fmt(clean_precise)}x of its thresholds (must stay below 1){why}")
 
-    snippet = yaml_snippet(pinned, floors, trainer)
     with open(a.yaml, "w") as f:
-        f.write(snippet)
-    print(f"\nrecipe snippet written to {a.yaml}:\n{snippet}")
+        f.write(data["snippet"])
+    print(f"\nrecipe snippet written to {a.yaml}:\n{data['snippet']}")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"verdict": "pass" if ok else "fail", "clean": clean.report.to_dict(), "floors": floors,
+            json.dump({"verdict": "pass" if ok else "fail", "clean": data["clean"], "floors": data["floors"],
                        "clean_margin": clean_margin, "clean_margin_fp32_probe": clean_precise,
-                       "calibration": pinned.to_dict(), "fixed": fixed, "faults": rows}, f, indent=2, default=str)
+                       "calibration": data["calibration"], "fixed": fixed, "faults": rows}, f, indent=2, default=str)
     return 0 if ok else 1
 
 

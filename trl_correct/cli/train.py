@@ -519,9 +519,10 @@ def given(argv: list[str] | None, name: str) -> bool:
     return bool(path) and os.path.isfile(path) and name in load_recipe(path)
 
 
-def build_trainer(argv: list[str] | None = None, parsed=None):
-    """Parse a recipe plus flags (as the main job does) and build the trainer; nothing is trained yet. Every problem
-    with what the user gave is a one-line errors.UserError raised before the engine is built."""
+def build_trainer(argv: list[str] | None = None, parsed=None, trainer_class=None):
+    """Parse a recipe plus flags (as the main job does) and build the trainer (`trainer_class`: a subclass of
+    CorrectGRPOTrainer to build instead); nothing is trained yet. Every problem with what the user gave is a one-line
+    errors.UserError raised before the engine is built."""
     script_args, args, model_args = parsed or parse(argv)
     cli_logging(args)  # the gate's phases and the engine build at INFO on rank 0 (--log_level warning hides them)
     model = check_model(model_args.model_name_or_path)
@@ -548,7 +549,7 @@ def build_trainer(argv: list[str] | None = None, parsed=None):
         init.setdefault("dtype", model_args.dtype)
     args.model_init_kwargs = init
     try:
-        return CorrectGRPOTrainer(model=model, reward_funcs=rewards, args=args, train_dataset=dataset,
+        return (trainer_class or CorrectGRPOTrainer)(model=model, reward_funcs=rewards, args=args, train_dataset=dataset,
                                   peft_config=peft_config)
     except UserError:
         raise

@@ -499,9 +499,9 @@ def perturb_weights(trainer, rel: float = PERTURB_REL, seed: int = 0) -> None:
 
 
 def run_with_faults(trainer, names: list[str], base_settings):
-    """Build the engine with the settings faults among `names`, gate once (clean update path), break the update
-    path with the live faults, perturb the weights, gate again. Returns the last gate's probe.GateRun (report,
-    probe, floors)."""
+    """Build the engine with the settings faults among `names`, gate once (clean update path; not again for
+    trainer-side faults on an engine already gated), break the update path with the live faults, perturb the
+    weights, gate again. Returns the last gate's probe.GateRun (report, probe, floors)."""
     import copy
 
     settings = copy.deepcopy(base_settings)
@@ -513,8 +513,10 @@ def run_with_faults(trainer, names: list[str], base_settings):
     # undone after its run): each rebuild costs an engine's start (minutes at real shape), and its fp32 twin's
     if settings != trainer.engine.settings or trainer.engine.faulted:
         trainer.replace_engine(settings)
-    run = trainer.full_gate()
     live = [f for f in faults if f.live]
+    # the clean gate first, unless only trainer-side faults go live on an engine a gate already ran on: its update
+    # path is the one that gate exercised, untouched since (a gate costs minutes at real shape)
+    run = None if live and all(f.trainer_side for f in live) and trainer.engine.gated else trainer.full_gate()
     undo = []
     try:
         if live:
