@@ -113,10 +113,11 @@ def test_a_large_model_gets_one_engine_per_process_by_default(tmp_path):
 
 
 def test_selftest_and_calibrate_in_child_processes(tmp_path):
-    """What a real-shape model gets by default (one engine per process), run on the tiny one: the trainer-side
-    faults share the first child's engine, the rest start one each (a settings fault's engine built as it needs it),
-    and the merged report is the one-process report's shape, in FAULTS' order."""
-    faults = ["skip_weight_sync", "temperature_twice", "raw_logprobs", "norm_eps_differs", "wake_without_reload"]
+    """What a real-shape model gets by default (one engine per process), run on the tiny one: the trainer-side and
+    restorable faults share the first child's engine, the rest start one each (a settings fault's engine built as it
+    needs it), and the merged report is the one-process report's shape, in FAULTS' order."""
+    faults = ["skip_weight_sync", "temperature_twice", "raw_logprobs", "norm_eps_differs", "wake_without_reload",
+              "sampler_mismatch"]
     p, rep = doctor(tmp_path, "--selftest", "--per-process", "1", *(x for f in faults for x in ("--inject", f)))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "process 2/2 done" in p.stderr and "process 3/" not in p.stderr, p.stderr[-2000:]
@@ -132,7 +133,7 @@ def test_selftest_and_calibrate_in_child_processes(tmp_path):
                s["detected"] and s["expected"] in s["causes"] for s in rep["selftest"]), rep["selftest"]
 
     # the second child starts its engine with the sampler fault's settings (no clean gate to run first)
-    calibrated = ["raw_logprobs", "sampler_mismatch", "temperature_twice", "tied_head_stale"]  # tiny: untied, n/a
+    calibrated = ["raw_logprobs", "sampler_mismatch", "temperature_twice", "stale_shard"]  # no TP here: n/a
     out, snippet = tmp_path / "calibrate.json", tmp_path / "calibration.yaml"
     p = subprocess.run([*DOCTOR, "--calibrate", "--per-process", "1", "--json", str(out), "--yaml", str(snippet),
                         "--output_dir", str(tmp_path / "run2"),
@@ -142,19 +143,21 @@ def test_selftest_and_calibrate_in_child_processes(tmp_path):
     assert "process 2/2 done" in p.stderr, p.stderr[-2000:]
     rep = json.loads(out.read_text())
     assert rep["verdict"] == "pass" and rep["clean_margin"] < 1
-    assert "no process started: tied_head_stale" in p.stderr and "process 3/" not in p.stderr, p.stderr[-2000:]
+    assert "no process started: stale_shard" in p.stderr and "process 3/" not in p.stderr, p.stderr[-2000:]
     assert [r["fault"] for r in rep["faults"]] == [f for f in FAULTS if f in calibrated[:3]]
     assert all(r["named"] and r["margin_calibrated"] > 1 for r in rep["faults"]), rep["faults"]
     assert "max_mean_abs_logprob_diff:" in snippet.read_text() and "clean probe" in p.stdout
 
 
 @pytest.mark.unit
-def test_child_process_groups_share_an_engine_among_trainer_side_faults():
+def test_child_process_groups_share_an_engine_among_faults_that_leave_it_clean():
     from trl_correct.cli.doctor import engine_groups
 
-    settings = ["raw_logprobs", "temperature_twice", "skip_weight_sync", "norm_eps_differs", "async_scheduling"]
-    assert engine_groups(settings, 1) == [["temperature_twice", "norm_eps_differs", "raw_logprobs"],
-                                          ["skip_weight_sync"], ["async_scheduling"]]
-    assert engine_groups(settings, 2) == [["temperature_twice", "norm_eps_differs", "raw_logprobs",
-                                           "skip_weight_sync"], ["async_scheduling"]]
+    # trainer-side (temperature, eps) and restorable (skip_weight_sync) faults join the first child; the rest build
+    settings = ["raw_logprobs", "temperature_twice", "skip_weight_sync", "stale_prefix_cache", "norm_eps_differs",
+                "async_scheduling"]
+    assert engine_groups(settings, 1) == [["temperature_twice", "skip_weight_sync", "norm_eps_differs",
+                                           "raw_logprobs"], ["stale_prefix_cache"], ["async_scheduling"]]
+    assert engine_groups(settings, 2) == [["temperature_twice", "skip_weight_sync", "norm_eps_differs",
+                                           "raw_logprobs", "stale_prefix_cache"], ["async_scheduling"]]
     assert engine_groups(["temperature_missing"], 1) == [["temperature_missing"]]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from trl_correct import CorrectGRPOTrainer, GateFailure
-from trl_correct.testing.faults import inject, run_with_faults
+from trl_correct.testing.faults import FAULTS, inject, run_with_faults
 
 FP32_FLOOR = 1e-5  # trainer vs itself and vs the engine on CPU in fp32: measured ~4e-6 max
 
@@ -67,6 +67,20 @@ def test_refused_prefix_cache_reset_is_named(make_trainer):
     trainer = make_trainer()
     report = run_with_faults(trainer, ["prefix_cache_reset_refused"], trainer.engine_settings()).report
     assert "prefix_cache_reset" in causes(report) and trainer.engine.last_reset_ok is False, report.table()
+
+
+def test_an_engine_reused_after_restorable_faults_gates_clean(make_trainer):
+    # what lets the doctor run at real shape on one engine: each fault that only patches the engine is taken off, the
+    # weights synced and verified again, and the same engine serves the next fault, then passes a clean gate
+    trainer = make_trainer()
+    engine, base = trainer.engine, trainer.engine_settings()
+    for fault in ("skip_weight_sync", "partial_weight_sync", "engine_logprob_bias"):
+        report = run_with_faults(trainer, [fault], base).report
+        assert FAULTS[fault].named_by(report.causes), (fault, report.table())
+        assert trainer.engine is engine and not engine.faulted, fault
+    assert not {"load_weights", "sample", "fp32_twin"} & set(vars(engine))
+    clean = trainer.full_gate().report
+    assert clean.passed, clean.table()
 
 
 def test_retokenized_completions_are_named_token_mismatch(make_trainer):

@@ -159,12 +159,13 @@ def build_for(recipe_argv: list[str], first: str | None):
 
 
 def engine_groups(settings: list[str], n: int) -> list[list[str]]:
-    """`settings` split over child processes, `n` that build or break an engine in each group; the settings that
-    leave the engine as built (trainer-side faults, undone after their run) all join the first group, ahead of its
-    others, so they reuse its engine and its clean gate instead of starting one each."""
+    """`settings` split over child processes, `n` that build an engine in each group; the settings that leave the
+    engine as built (trainer-side faults, undone after their run) or restorable (patches taken off, the weights
+    synced and verified again) all join the first group, ahead of its others, so they reuse its engine and its clean
+    gate instead of starting one each."""
     def reuses(s):
         f = FAULTS.get(s)
-        return f is not None and f.trainer_side and f.settings is None and not f.trainer_flags
+        return f is not None and (f.trainer_side or f.restorable) and f.settings is None and not f.trainer_flags
 
     reuse = [s for s in settings if reuses(s)]
     rest = [s for s in settings if not reuses(s)]

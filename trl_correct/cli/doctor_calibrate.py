@@ -167,7 +167,8 @@ def yaml_snippet(calibration, floors: dict, trainer) -> str:
              f"{'GPU' if trainer.on_gpu else 'CPU'}",
              "# floors: " + "; ".join(f"{n} mean {f['mean_abs_logprob_diff']:.3g} p99 {f['p99_abs_logprob_diff']:.3g} "
                                       f"k3 {f['kl_k3']:.3g}" for n, f in floors.items() if isinstance(f, dict)),
-             "# rule: threshold = min(cap, max(factor x largest floor, minimum)), factor 4 (k3: 16); max |Δ|: cap only"]
+             "# rule: threshold = min(cap, max(factor x largest floor, minimum)), factor 4 (k3: 16; over the fp32 "
+             "precision floor 8, k3: 64); max |Δ|: cap only"]
     for k, t in calibration.thresholds.items():
         lines.append(f"{THRESHOLD_FIELDS[k]}: {t.value:.4g}  # {t.source}: {t.rule}")
     return "\n".join(lines) + "\n"

@@ -549,8 +549,8 @@ def build_trainer(argv: list[str] | None = None, parsed=None, trainer_class=None
         init.setdefault("dtype", model_args.dtype)
     args.model_init_kwargs = init
     try:
-        return (trainer_class or CorrectGRPOTrainer)(model=model, reward_funcs=rewards, args=args, train_dataset=dataset,
-                                  peft_config=peft_config)
+        return (trainer_class or CorrectGRPOTrainer)(model=model, reward_funcs=rewards, args=args,
+                                                     train_dataset=dataset, peft_config=peft_config)
     except UserError:
         raise
     except Exception as e:

