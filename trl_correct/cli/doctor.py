@@ -62,6 +62,18 @@ def _floor_row(run) -> dict:
             "_gaps": None}
 
 
+ASYNC_ROW = "async scheduling on"  # the row of the setting 'async_scheduling'
+
+
+def not_run(trainer, name: str) -> str | None:
+    """Why setting `name` gets an n/a row instead of a run on this trainer; None when it runs (a fault not
+    applicable here still runs when it would show something, e.g. raw logprobs at T=1; not one that needs a second
+    trainer)."""
+    f = FAULTS.get(name)
+    why = f.not_applicable(trainer) if f is not None else None
+    return why if why and (f.trainer_flags or not f.run_when_na) else None
+
+
 def ablate(trainer, names, base, progress, recipe_argv):
     """The gate under each setting in `names` (fault names, or 'async_scheduling'); rows in order."""
     import copy
@@ -78,20 +90,17 @@ def ablate(trainer, names, base, progress, recipe_argv):
                 trainer.replace_engine(s)
                 run = trainer.full_gate()
                 ran = trainer.engine.facts().async_scheduling
-                rows.append(_row("async scheduling on", run,
+                rows.append(_row(ASYNC_ROW, run,
                                  "" if ran else "requested, but this engine runs without it (vLLM turned it off)"))
             except Exception as e:  # an engine that refuses the setting is a finding, not a crash
-                rows.append(_blank_row("async scheduling on", "unavailable", f"{type(e).__name__}: {e}"[:200]))
+                rows.append(_blank_row(ASYNC_ROW, "unavailable", f"{type(e).__name__}: {e}"[:200]))
+        elif why_not := not_run(trainer, name):
+            rows.append(_blank_row(name, "n/a", why_not))
         elif FAULTS[name].trainer_flags:  # the fault lives in how the trainer is built: build a second one
-            fault, why_not = FAULTS[name], FAULTS[name].not_applicable(trainer)
-            if why_not:
-                rows.append(_blank_row(name, "n/a", why_not))
-            else:
-                other = build_trainer([*recipe_argv, *fault.trainer_flags])
-                rows.append(_row(name, run_with_faults(other, [name], other.engine.settings), fault.about))
-                other.engine.close()
-        elif FAULTS[name].not_applicable(trainer) and not FAULTS[name].run_when_na:
-            rows.append(_blank_row(name, "n/a", FAULTS[name].not_applicable(trainer)))
+            fault = FAULTS[name]
+            other = build_trainer([*recipe_argv, *fault.trainer_flags])
+            rows.append(_row(name, run_with_faults(other, [name], other.engine.settings), fault.about))
+            other.engine.close()
         else:
             why_not = FAULTS[name].not_applicable(trainer)
             rows.append(_row(name, run_with_faults(trainer, [name], base), why_not or FAULTS[name].about))
@@ -165,7 +174,7 @@ def engine_groups(settings: list[str], n: int) -> list[list[str]]:
     gate instead of starting one each."""
     def reuses(s):
         f = FAULTS.get(s)
-        return f is not None and (f.trainer_side or f.restorable) and f.settings is None and not f.trainer_flags
+        return f is not None and f.reuses_engine and f.settings is None and not f.trainer_flags
 
     reuse = [s for s in settings if reuses(s)]
     rest = [s for s in settings if not reuses(s)]
@@ -180,9 +189,8 @@ def skipped(trainer, names, calibrating: bool = False) -> dict:
     starts an engine only to say n/a."""
     out = {}
     for n in names:
-        f = FAULTS.get(n)
-        why = f.not_applicable(trainer) if f is not None else None
-        if why and (calibrating or f.trainer_flags or not f.run_when_na):
+        why = (FAULTS[n].not_applicable(trainer) if n in FAULTS else None) if calibrating else not_run(trainer, n)
+        if why:
             out[n] = why
     return out
 
@@ -239,7 +247,7 @@ def in_processes(a, recipe_argv: list[str], settings: list[str], n: int) -> int:
     rows = first["ablation"][:2] + sorted(
         [*(r for c in children for r in c["ablation"][c["clean_rows"]:]),
          *({k: v for k, v in _blank_row(n, "n/a", why).items() if not k.startswith("_")} for n, why in na.items())],
-        key=lambda r: order[r["setting"] if r["setting"] in order else "async_scheduling"])
+        key=lambda r: order["async_scheduling" if r["setting"] == ASYNC_ROW else r["setting"]])
     clean_passed = first["clean_passed"]
     out = {k: first[k] for k in ("verdict", "checks", "causes", "mismatch")}
     out["ablation"] = rows

@@ -46,6 +46,11 @@ class Fault:
     # and verified again, the engine is as built and is reused (restore_engine), instead of a fresh one built
     restorable: bool = False
 
+    @property
+    def reuses_engine(self) -> bool:
+        """After its run the engine is as built: undone on the trainer, or its patches taken off (restore_engine)."""
+        return self.trainer_side or self.restorable
+
     def named_by(self, causes) -> bool:
         """Whether a gate whose failed checks are `causes` names this fault: its own cause; for the generic
         `mismatch`, either probe's (mismatch_fp32: the precise probe of a bf16/fp16 run)."""
@@ -506,8 +511,8 @@ def perturb_weights(trainer, rel: float = PERTURB_REL, seed: int = 0) -> None:
 
 
 def run_with_faults(trainer, names: list[str], base_settings):
-    """Build the engine with the settings faults among `names`, gate once (clean update path; not again for
-    trainer-side faults on an engine already gated), break the update path with the live faults, perturb the
+    """Build the engine with the settings faults among `names`, gate once (clean update path; not again when
+    every live fault reuses an engine already gated), break the update path with the live faults, perturb the
     weights, gate again. Returns the last gate's probe.GateRun (report, probe, floors)."""
     import copy
 
@@ -523,8 +528,7 @@ def run_with_faults(trainer, names: list[str], base_settings):
     live = [f for f in faults if f.live]
     # the clean gate first, unless an engine a gate already ran on (or restore_engine verified since) is reused: its
     # update path is the one that gate exercised (a gate costs minutes at real shape)
-    run = None if live and all(f.trainer_side or f.restorable for f in live) and trainer.engine.gated \
-        else trainer.full_gate()
+    run = None if live and all(f.reuses_engine for f in live) and trainer.engine.gated else trainer.full_gate()
     undo = []
     try:
         if live:
@@ -535,7 +539,7 @@ def run_with_faults(trainer, names: list[str], base_settings):
     finally:
         for u in undo:  # trainer-side faults outlive the engine: take them back out
             u()
-        if live and trainer.engine.faulted and all(f.trainer_side or f.restorable for f in live):
+        if live and trainer.engine.faulted and all(f.reuses_engine for f in live):
             trainer.engine.faulted = not restore_engine(trainer)
     return run
 
