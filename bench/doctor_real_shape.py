@@ -78,8 +78,9 @@ def main() -> None:
             lines.append(f"| {s['fault']} | {mark} | {', '.join(s['causes']) or '-'} | {s['expected']} | {margin} |")
         passed = "PASSED" if "selftest PASSED" in p.stdout else "FAILED"
         lines.append(f"\nClean gate: {rep['verdict']}; selftest {passed}.")
+    injected = flags.count("--inject")
     title = f"Doctor {'--calibrate' if a.calibrate else '--selftest'} at real shape: {a.model}, " \
-            f"{'fp32' if a.fp32 else 'bf16'}"
+            f"{'fp32' if a.fp32 else 'bf16'}" + (f", {injected} faults injected" if injected else "")
     append(title, "\n".join(lines), append_to=None if a.no_append else DOCS)
     sys.exit(p.returncode)
 
