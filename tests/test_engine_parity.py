@@ -16,7 +16,7 @@ import torch
 
 from conftest import train_and_measure
 from trl_correct import CorrectGRPOTrainer, GateFailure
-from trl_correct.testing.faults import inject
+from trl_correct.testing.faults import inject, run_with_faults
 from trl_correct.core.numerics import is_weights
 
 FP32_TOL = 1e-4  # CPU fp32 engine vs HF measured at ~5e-6 max; anything near 1e-4 would be a real divergence
@@ -239,3 +239,15 @@ def test_tied_head_left_stale_is_a_weight_sync_failure(make_trainer, tied_dir):
     assert list(bad) == ["weight_sync"] and "lm_head:effective" in bad["weight_sync"], bad
     # caught at the first sync after the weights changed (step 0 may have no gradient: all rewards equal)
     assert trainer.state.global_step <= 2
+
+
+def test_tied_head_stale_is_named_right_after_a_trainer_side_fault(make_trainer, tied_dir):
+    # the doctor's fault runs share one engine. A trainer-side fault's run syncs the moved weights into the engine;
+    # unless the engine gets the user's weights back after the undo, the next run's move is the same noise, so the
+    # "stale" head the engine keeps equals the new one and the fault hides (seen at the 0.5B shape: 0.0581, passed)
+    trainer = make_trainer(model=tied_dir)
+    base = trainer.engine_settings()
+    run_with_faults(trainer, ["token_retokenized"], base)
+    assert not trainer.engine.faulted  # reused, not rebuilt: the case where the engine's weights carried over
+    bad = failing(run_with_faults(trainer, ["tied_head_stale"], base).report)
+    assert "weight_sync" in bad and "lm_head:effective" in bad["weight_sync"], bad

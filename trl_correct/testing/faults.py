@@ -548,7 +548,10 @@ def run_with_faults(trainer, names: list[str], base_settings):
     finally:
         for u in reversed(undo):  # trainer-side faults outlive the engine: take them back out
             u()
-        if live and trainer.engine.faulted and all(f.reuses_engine for f in live):
+        # a reused engine gets the user's weights back too, after a trainer-side fault as after a restorable one: the
+        # gate synced the moved weights into it, and the next run's move is the same noise, so a fault that keeps an
+        # old weight on the engine (tied_head_stale) would keep one equal to the new one and hide
+        if live and all(f.reuses_engine for f in live):
             trainer.engine.faulted = not restore_engine(trainer)
     return run
 
