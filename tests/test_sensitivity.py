@@ -86,6 +86,32 @@ def test_bf16_runs_the_fp32_probe_and_it_names_a_stand_in(make_trainer):
     assert "mismatch_fp32" in run.report.causes, run.report.table()
     p = run.report.mismatch["fp32_probe"]
     assert _margin(p, p["thresholds"]) >= 5 and p[MEAN] == pytest.approx(0.01, rel=0.05), p
+    # at T != 1 the fp32 second temperature runs only when the fp32 probe failed: not on the clean gate; on the bias
+    # (there at T=1 too) it runs and clears the temperature
+    assert "temperature" not in figures and "at_1" in p["temperature"], p
+    assert "temperature" not in run.report.causes
+    # a temperature never applied: named `temperature` by the fp32 twin at T=1 and T=0.9 (at the Qwen2.5-0.5B shape
+    # in bf16 the bf16 probes left it at 0.0996 against 0.1: only the fp32 probe named it)
+    run = run_with_faults(trainer, ["temperature_missing"], base)
+    check = run.report.check("temperature")
+    assert not check.passed and check.detail.startswith("fp32 probe"), run.report.table()
+    t = run.report.mismatch["fp32_probe"]["temperature"]
+    assert t["at_1"] < run.report.mismatch["fp32_probe"]["thresholds"][MEAN] < t["at_0.9"], t
+
+
+def test_bf16_at_temperature_one_runs_the_fp32_probe_again_away_from_it(make_trainer):
+    # at T=1 a temperature applied twice changes nothing on either probe: only a second temperature shows it, and the
+    # fp32 twin's is the one bf16 noise cannot hide
+    trainer = make_trainer(bf16=True, use_cpu=True, temperature=1.0)
+    base = copy.deepcopy(trainer.engine.settings)
+    clean = trainer.full_gate()
+    assert clean.report.passed, clean.report.table()
+    t = clean.report.mismatch["fp32_probe"]["temperature"]
+    assert max(t.values()) < clean.report.mismatch["fp32_probe"]["thresholds"][MEAN], t
+    run = run_with_faults(trainer, ["temperature_twice"], base)
+    check = run.report.check("temperature")
+    assert not check.passed and check.detail.startswith("fp32 probe") and "T=0.7" in check.detail, run.report.table()
+    assert "mismatch_fp32" not in run.report.causes  # its probe is at T=1, where the fault does not show
 
 
 def test_precise_probe_off_leaves_the_reason_in_the_report(make_trainer):
