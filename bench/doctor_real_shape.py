@@ -80,7 +80,8 @@ def main() -> None:
         lines.append(f"\nClean gate: {rep['verdict']}; selftest {passed}.")
     injected = flags.count("--inject")
     title = f"Doctor {'--calibrate' if a.calibrate else '--selftest'} at real shape: {a.model}, " \
-            f"{'fp32' if a.fp32 else 'bf16'}" + (f", {injected} faults injected" if injected else "")
+            f"{'fp32' if a.fp32 else 'bf16'}" + (f", {injected} fault{'s' * (injected != 1)} injected"
+                                                 if injected else "")
     append(title, "\n".join(lines), append_to=None if a.no_append else DOCS)
     sys.exit(p.returncode)
 

@@ -426,20 +426,13 @@ class Gate:
     def precise_temperature(self, probe: ProbeResult, precise: Check, figures: dict) -> Check | None:
         """The temperature check again on the fp32 twin, where bf16 noise cannot hide it (at the Qwen2.5-0.5B shape in
         bf16, a missing temperature moved the bf16 probe to 0.0996 against a 0.1 threshold; the fp32 probe saw it at
-        4.4e6x). Judged by the fp32 probe's thresholds. Run only where it can change the verdict, so a clean gate at
-        T != 1 pays nothing: at T != 1 when the fp32 probe failed (then the twin at T = 1 says whether the gap is the
-        temperature's); at T = 1 always (the twin at ALT_TEMPERATURE: a temperature fault does not show at T = 1).
-        None when not run."""
-        t = probe.temperature
+        4.4e6x): the twin at T = 1 against the fp32 probe at the config's T, judged by the fp32 probe's thresholds.
+        Runs only where it can change the verdict (precise_temperature_due); None when it does not."""
         if not self.precise_temperature_due(probe, precise, figures):
             return None
-        prompts = probe.prompt_ids[:PRECISE_PROMPTS]
-        at_fp32 = {k: figures[k] for k in (MEAN, P99, MAX, "kl_k3", "n_tokens")}
-        if t == 1.0:
-            t, at_one, at_t = ALT_TEMPERATURE, at_fp32, self._twin_probe(prompts, ALT_TEMPERATURE)[3]
-        else:
-            at_one, at_t = self._twin_probe(prompts, 1.0)[3], at_fp32
-        check = temperature_check(at_one, at_t, t, figures["thresholds"])
+        at_one = self._twin_probe(probe.prompt_ids[:PRECISE_PROMPTS], 1.0)[3]
+        at_t = {k: figures[k] for k in (MEAN, P99, MAX, "kl_k3", "n_tokens")}
+        check = temperature_check(at_one, at_t, probe.temperature, figures["thresholds"])
         return replace(check, detail="fp32 probe (both sides float32): " + check.detail)
 
     def precision_floor(self, prompt_ids, completion_ids, temperature: float, scored: torch.Tensor, mask: torch.Tensor,
@@ -559,8 +552,11 @@ class Gate:
 
     @staticmethod
     def precise_temperature_due(probe: ProbeResult, precise: Check, figures: dict) -> bool:
-        """Whether precise_temperature runs: the fp32 probe measured, and at T != 1 it failed."""
-        return "thresholds" in figures and (probe.temperature == 1.0 or not precise.passed)
+        """Whether precise_temperature runs: the fp32 probe failed at a config's T != 1 (then the twin at T = 1 says
+        whether the gap is the temperature's). A clean gate pays nothing (at 0.5B in bf16 the twin's probe costs about
+        40 s). At T = 1 never: a temperature applied twice or never changes nothing in such a run, and the bf16 check
+        at ALT_TEMPERATURE names it as before."""
+        return "thresholds" in figures and probe.temperature != 1.0 and not precise.passed
 
     def _refine_temperature(self, checks: list[Check], probe: ProbeResult, precise: Check, figures: dict):
         """`checks` with its temperature check failed when the fp32 one fails (precise_temperature)."""
