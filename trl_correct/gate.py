@@ -53,6 +53,13 @@ PRECISE_AUTO_MAX_PARAMS = 2e9
 # of a 157 s gate (1.6x the gate without it); the faults it catches sit at 8e3x-7e5x of its thresholds there.
 PRECISE_PROMPTS = 4
 
+def as_padded(logprobs: list[list[float]], device) -> torch.Tensor:
+    """An engine's per-sequence logprobs as one float32 [sequences, tokens] tensor, right-padded with NaN past each
+    sequence's end (outside the trainer's completion mask, as the trainer's scores are padded)."""
+    return pad([torch.tensor(x, dtype=torch.float32) for x in logprobs], padding_value=float("nan"),
+               padding_side="right").to(device)
+
+
 # When each group of checks runs (the data the gate is assembled from):
 #   start    the full gate before step 0 (and after a resume): `before_training()`
 #   interval every `probe_interval` optimizer steps, after that step's weight sync: `after_sync(step)`
@@ -238,8 +245,7 @@ class Gate:
         routing = self._engine_routing(prompt_ids, completion_ids)
         with self.routing_recorded(routing) as records, self.policy.at_temperature(t):
             trainer_lps, mask = self.policy.score(prompt_ids, completion_ids)
-        engine_lps = pad([torch.tensor(x, dtype=torch.float32) for x in engine_lps], padding_value=float("nan"),
-                         padding_side="right").to(trainer_lps.device)
+        engine_lps = as_padded(engine_lps, trainer_lps.device)
         m = measure(trainer_lps, engine_lps, mask, self.policy.correction)
         stats = MismatchStats.of(m.stats)
         if routing is not None:
@@ -419,9 +425,8 @@ class Gate:
                                            temperature=t)
         with self.routing_recorded(None), self.policy.fp32_reference(), self.policy.at_temperature(t):
             trainer_lps, mask = self.policy.score(prompts, ids)
-        engine_lps = pad([torch.tensor(x, dtype=torch.float32) for x in lps], padding_value=float("nan"),
-                         padding_side="right").to(trainer_lps.device)
-        return ids, trainer_lps, mask, measure(trainer_lps, engine_lps, mask, self.policy.correction).stats
+        return ids, trainer_lps, mask, measure(trainer_lps, as_padded(lps, trainer_lps.device), mask,
+                                               self.policy.correction).stats
 
     def precise_temperature(self, probe: ProbeResult, precise: Check, figures: dict) -> Check | None:
         """The temperature check again on the fp32 twin, where bf16 noise cannot hide it (at the Qwen2.5-0.5B shape in
