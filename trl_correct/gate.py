@@ -53,6 +53,7 @@ PRECISE_AUTO_MAX_PARAMS = 2e9
 # of a 157 s gate (1.6x the gate without it); the faults it catches sit at 8e3x-7e5x of its thresholds there.
 PRECISE_PROMPTS = 4
 
+
 def as_padded(logprobs: list[list[float]], device) -> torch.Tensor:
     """An engine's per-sequence logprobs as one float32 [sequences, tokens] tensor, right-padded with NaN past each
     sequence's end (outside the trainer's completion mask, as the trainer's scores are padded)."""
@@ -428,18 +429,6 @@ class Gate:
         return ids, trainer_lps, mask, measure(trainer_lps, as_padded(lps, trainer_lps.device), mask,
                                                self.policy.correction).stats
 
-    def precise_temperature(self, probe: ProbeResult, precise: Check, figures: dict) -> Check | None:
-        """The temperature check again on the fp32 twin, where bf16 noise cannot hide it (at the Qwen2.5-0.5B shape in
-        bf16, a missing temperature moved the bf16 probe to 0.0996 against a 0.1 threshold; the fp32 probe saw it at
-        4.4e6x): the twin at T = 1 against the fp32 probe at the config's T, judged by the fp32 probe's thresholds.
-        Runs only where it can change the verdict (precise_temperature_due); None when it does not."""
-        if not self.precise_temperature_due(probe, precise, figures):
-            return None
-        at_one = self._twin_probe(probe.prompt_ids[:PRECISE_PROMPTS], 1.0)[3]
-        at_t = {k: figures[k] for k in (MEAN, P99, MAX, "kl_k3", "n_tokens")}
-        check = temperature_check(at_one, at_t, probe.temperature, figures["thresholds"])
-        return replace(check, detail="fp32 probe (both sides float32): " + check.detail)
-
     def precision_floor(self, prompt_ids, completion_ids, temperature: float, scored: torch.Tensor, mask: torch.Tensor,
                         routing=None) -> dict | str:
         """The fp32 rounding of two fp32 implementations against float64 on these tokens, each statistic the larger:
@@ -557,22 +546,26 @@ class Gate:
 
     @staticmethod
     def precise_temperature_due(probe: ProbeResult, precise: Check, figures: dict) -> bool:
-        """Whether precise_temperature runs: the fp32 probe failed at a config's T != 1 (then the twin at T = 1 says
+        """Whether _refine_temperature runs: the fp32 probe failed at a config's T != 1 (then the twin at T = 1 says
         whether the gap is the temperature's). A clean gate pays nothing (at 0.5B in bf16 the twin's probe costs about
         40 s). At T = 1 never: a temperature applied twice or never changes nothing in such a run, and the bf16 check
         at ALT_TEMPERATURE names it as before."""
         return "thresholds" in figures and probe.temperature != 1.0 and not precise.passed
 
     def _refine_temperature(self, checks: list[Check], probe: ProbeResult, precise: Check, figures: dict):
-        """`checks` with its temperature check failed when the fp32 one fails (precise_temperature)."""
+        """The temperature check again on the fp32 twin, where bf16 noise cannot hide it (at the Qwen2.5-0.5B shape in
+        bf16, a missing temperature moved the bf16 probe to 0.0996 against a 0.1 threshold; the fp32 probe saw it at
+        4.4e6x): the twin at T = 1 against the fp32 probe at the config's T, judged by the fp32 probe's thresholds.
+        Only where precise_temperature_due; its figures join `figures` (mismatch.fp32_probe.temperature). Returns
+        `checks`, with the temperature check replaced by the fp32 one when that fails."""
         if not self.precise_temperature_due(probe, precise, figures):
             return checks
         with self.phase("fp32 second temperature"):
-            fp32 = self.precise_temperature(probe, precise, figures)
+            at_one = self._twin_probe(probe.prompt_ids[:PRECISE_PROMPTS], 1.0)[3]
+        fp32 = temperature_check(at_one, figures, probe.temperature, figures["thresholds"])
+        fp32 = replace(fp32, detail="fp32 probe (both sides float32): " + fp32.detail)
         figures["temperature"] = fp32.measured
-        if fp32.passed:
-            return checks
-        return [fp32 if c.name == "temperature" else c for c in checks]
+        return checks if fp32.passed else [fp32 if c.name == "temperature" else c for c in checks]
 
     def _routing_check(self, probe: ProbeResult) -> Check:
         """The probe's routing against the floor; with replay on, the probe scored again without replay gives the

